@@ -1,0 +1,6 @@
+"""The network in plain PyTorch (no process groups): see DESIGN §2."""
+
+from .config import ModelConfig
+from .transformer import MiniMaxForCausalLM, ModelOutput
+
+__all__ = ["ModelConfig", "MiniMaxForCausalLM", "ModelOutput"]
