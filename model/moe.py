@@ -66,8 +66,9 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Router logits in fp32 even under autocast: top-k decisions are sensitive to rounding.
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
 class SwiGLUExperts(nn.Module):
