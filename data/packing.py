@@ -1,0 +1,203 @@
+"""Pack tokenized documents into fixed windows of `seq_len` tokens with document boundaries.
+
+The token stream is the documents in `data.documents` order, each followed by EOS. Window k holds
+stream tokens [k*S, (k+1)*S): no padding, and a document cut by a window edge goes on in the next
+window as a fresh segment (attention and the lightning state reset there, as at a document start).
+Labels are the next stream token (one token of look-ahead at the window's end), except -100 at a
+document's EOS, whose next token belongs to another document.
+
+Documents are tokenized lazily, a batch at a time, so a big corpus is never tokenized up front. The
+loader position is (epoch, document index, token offset) of the next window's first token, so
+`load_state_dict` rebuilds exactly the next windows, whatever `seq_len` is then.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.corpus import load_corpus
+from data.documents import ShuffledDocuments, StreamedDocuments
+from data.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class _TokenizedDocument:
+    epoch: int
+    index: int
+    tokens: np.ndarray  # int32, EOS last
+
+
+def _positive_int(value, setting: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{setting}: must be a {'non-negative' if allow_zero else 'positive'} integer, "
+                          f"got {value!r}")
+    return int(value)
+
+
+class WindowStream:
+    """An endless, deterministic, resumable stream of packed windows.
+
+    source: the `data` config (a mapping with source, path, name, split, streaming, text_field, and
+    optional shuffle, shuffle_buffer, sample_by, min_doc_tokens, max_doc_tokens), or an already
+    opened `datasets.Dataset` / `IterableDataset` with a "text" column.
+    Documents whose token count (EOS excluded) is outside [min_doc_tokens, max_doc_tokens) are
+    skipped, which is how the short/medium/long buckets of a long-context mixture are made.
+    """
+
+    def __init__(self, source, tokenizer, seq_len: int, seed: int = 0, *, tokenize_batch: int = 256):
+        from datasets import Dataset, IterableDataset
+
+        self.seq_len = _positive_int(seq_len, "seq_len")
+        self.seed = _positive_int(seed, "data.seed", allow_zero=True)
+        self.tokenizer = tokenizer
+        self.tokenize_batch = _positive_int(tokenize_batch, "tokenize_batch")
+        opened = isinstance(source, (Dataset, IterableDataset))
+        cfg = {} if opened else source
+        text_field = cfg.get("text_field", "text") or "text"
+        self.min_doc_tokens = _positive_int(cfg.get("min_doc_tokens") or 0, "data.min_doc_tokens", True)
+        max_doc_tokens = cfg.get("max_doc_tokens")
+        if max_doc_tokens is not None:
+            max_doc_tokens = _positive_int(max_doc_tokens, "data.max_doc_tokens")
+        self.max_doc_tokens = max_doc_tokens
+        dataset = source if opened else load_corpus(cfg)
+        if isinstance(dataset, IterableDataset):
+            self._documents = StreamedDocuments(dataset, text_field, self.seed, cfg.get("shuffle_buffer", 0))
+        else:
+            self._documents = ShuffledDocuments(dataset, text_field, self.seed, cfg.get("shuffle") is not False)
+        self._reset_buffer(epoch=0)
+        self._docs_seen, self._tokens_seen = 0, 0  # for the read-ahead size only
+
+    # -- filling the buffer ------------------------------------------------------------------
+
+    def _reset_buffer(self, epoch: int) -> None:
+        self._buffer: deque[_TokenizedDocument] = deque()
+        self._offset = 0  # tokens of _buffer[0] already emitted
+        self._buffered = 0  # tokens in the buffer not yet emitted
+        self._last_accepted_epoch = epoch
+
+    def _accepts(self, num_tokens: int) -> bool:
+        if num_tokens == 0 or num_tokens < self.min_doc_tokens:
+            return False
+        return self.max_doc_tokens is None or num_tokens < self.max_doc_tokens
+
+    def _read_count(self, missing: int) -> int:
+        # Read about as many documents as the missing tokens need (at least a small batch, since
+        # each read has a fixed cost), so book-length documents do not pile up in memory while
+        # short ones are tokenized in large, fast batches.
+        smallest = min(self.tokenize_batch, 16)
+        if self._docs_seen == 0:
+            return smallest
+        mean_tokens = max(1.0, self._tokens_seen / self._docs_seen)
+        return max(smallest, min(self.tokenize_batch, math.ceil(missing / mean_tokens) + 1))
+
+    def _fill(self, need: int) -> None:
+        eos = self.tokenizer.eos_id
+        while self._buffered < need:
+            batch = self._documents.read(self._read_count(need - self._buffered))
+            encoded = self.tokenizer.encode_batch([text for _, _, text in batch])
+            for (epoch, index, _), ids in zip(batch, encoded):
+                self._docs_seen += 1
+                self._tokens_seen += len(ids) + 1
+                if not self._accepts(len(ids)):
+                    if epoch >= self._last_accepted_epoch + 2:  # a whole epoch without one document
+                        raise ConfigError(self._nothing_accepted_message())
+                    continue
+                tokens = np.empty(len(ids) + 1, dtype=np.int32)
+                tokens[:-1] = ids
+                tokens[-1] = eos
+                self._buffer.append(_TokenizedDocument(epoch, index, tokens))
+                self._buffered += len(tokens)
+                self._last_accepted_epoch = epoch
+
+    def _nothing_accepted_message(self) -> str:
+        if self.min_doc_tokens or self.max_doc_tokens is not None:
+            return (f"data.min_doc_tokens/max_doc_tokens: no document has a token count in "
+                    f"[{self.min_doc_tokens}, {self.max_doc_tokens})")
+        return "data.path: every document is empty after tokenization"
+
+    # -- windows -----------------------------------------------------------------------------
+
+    def next_window(self) -> dict[str, torch.Tensor]:
+        """input_ids [S], labels [S] (int64) and cu_seqlens [n+1] (int32) of the next window."""
+        S = self.seq_len
+        self._fill(S + 1)  # S inputs plus the label of the last one
+        pieces, starts, ends_at_eos = [], [], []
+        taken, offset = 0, self._offset
+        for doc in self._buffer:
+            take = min(len(doc.tokens) - offset, S + 1 - taken)
+            pieces.append(doc.tokens[offset:offset + take])
+            starts.append(taken)
+            ends_at_eos.append(offset + take == len(doc.tokens))
+            taken += take
+            offset = 0
+            if taken == S + 1:
+                break
+        tokens = np.concatenate(pieces).astype(np.int64)
+        labels = tokens[1:].copy()
+        for start, piece, at_eos in zip(starts, pieces, ends_at_eos):
+            last = start + len(piece) - 1
+            if at_eos and last < S:
+                labels[last] = IGNORE_INDEX  # the next token starts another document
+        cu_seqlens = [s for s in starts if s < S] + [S]
+        self._advance(S)
+        return {
+            "input_ids": torch.from_numpy(tokens[:S].copy()),
+            "labels": torch.from_numpy(labels),
+            "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32),
+        }
+
+    def _advance(self, count: int) -> None:
+        self._buffered -= count
+        while count:
+            available = len(self._buffer[0].tokens) - self._offset
+            if available <= count:
+                self._buffer.popleft()
+                self._offset = 0
+                count -= available
+            else:
+                self._offset += count
+                count = 0
+
+    def __iter__(self):
+        while True:
+            yield self.next_window()
+
+    # -- resumption --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        if self._buffer:
+            epoch, index = self._buffer[0].epoch, self._buffer[0].index
+        else:
+            epoch, index = self._documents.epoch, self._documents.index
+        return {
+            "epoch": epoch,
+            "doc_index": index,
+            "token_offset": self._offset,
+            "seed": self.seed,
+            "num_documents": self._documents.num_documents,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data.seed: the checkpoint's loader used seed {state['seed']}, not {self.seed}")
+        if state.get("num_documents") != self._documents.num_documents:
+            raise ValueError(f"data: the checkpoint's loader read a corpus of {state.get('num_documents')} "
+                             f"documents, this one has {self._documents.num_documents}")
+        epoch, index, offset = int(state["epoch"]), int(state["doc_index"]), int(state["token_offset"])
+        self._documents.seek(epoch, index)
+        self._reset_buffer(epoch)
+        self._fill(offset + 1)
+        first = self._buffer[0]
+        if (first.epoch, first.index) != (epoch, index) or offset >= len(first.tokens):
+            raise ValueError("data: the checkpoint's loader position does not fit this corpus, tokenizer "
+                             "or document-length filter")
+        self._offset = offset
+        self._buffered -= offset
