@@ -82,7 +82,10 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, hidden], rows grouped by expert in order; tokens_per_expert [E] sums to M."""
-        dtype = x_sorted.dtype
+        # Under autocast the residual stream stays fp32; compute the experts in the autocast dtype, as nn.Linear would.
+        dev = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_sorted.dtype
+        x_sorted = x_sorted.to(dtype)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         if x_sorted.is_cuda and dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm"):
             offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
@@ -120,8 +123,8 @@ class MoE(nn.Module):
         order = torch.sort(expert_idx, stable=True).indices
         token_idx, expert_idx, gates = token_idx[order], expert_idx[order], gates[order]
         counts = torch.bincount(expert_idx, minlength=self.num_experts)
-        y = self.experts(x[token_idx], counts) * gates[:, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, y)
+        y = self.experts(x[token_idx], counts) * gates[:, None]
+        return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -136,7 +139,7 @@ class MoE(nn.Module):
         self.last_stats = {
             "aux_loss": self.aux_loss(routing, T),
             "routed": T * self.top_k,
-            "dropped": (~kept).sum(),
+            "dropped": (~kept).sum().detach(),
             "tokens_per_expert": routing.tokens_per_expert.detach(),
         }
         return out
