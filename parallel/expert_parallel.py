@@ -1,0 +1,221 @@
+"""Expert-parallel dispatch and combine: EP all-to-all, ETP all-gather / reduce-scatter, G overlapped token groups.
+
+Layout (MoE parallel folding, DESIGN §3): the E experts are split over the EP group (rank j owns experts
+j*E/EP .. (j+1)*E/EP - 1) and every expert's SwiGLU FFN is split over the ETP group along its hidden dimension
+(rank q holds columns q*F/ETP .. of w_gate/w_up and the same rows of w_down). Every rank holds different tokens.
+
+One token group goes through
+    permute by expert -> all-to-all over EP (uneven) -> all-gather over ETP -> sort by local expert
+    -> grouped SwiGLU products on 1/ETP of each FFN -> unsort -> reduce-scatter over ETP (sums the FFN slices)
+    -> all-to-all back over EP -> unpermute, weight by gates, sum per token.
+The kept assignments are split into G groups of contiguous tokens; on CUDA each group runs on its own stream
+so one group's communication overlaps another's expert products. On CPU the same stages run in the same order,
+one after another. G changes no arithmetic: the results are identical.
+
+The all-gather over ETP pads every rank's rows to the largest count (the collectives need equal sizes); the
+padding rows are never read. Each stage is issued for all groups before the next stage, in the same order on
+every rank, so the collectives match up; a rank with no rows still runs every collective (forward and backward).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.moe import SwiGLUExperts  # the parameter layout; swiglu_products is its arithmetic
+
+from .collectives import all_gather, all_to_all, group_rank, group_size, reduce_scatter
+from .global_router import gather_group_counts
+
+
+def check_expert_parallel_sizes(num_experts: int, ffn_hidden_size: int, ep: int, etp: int,
+                                overlap_groups: int = 1) -> None:
+    """One-line ValueError naming the setting when experts or FFN columns cannot be split evenly."""
+    if num_experts % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide model.num_experts={num_experts}")
+    if ffn_hidden_size % etp:
+        raise ValueError(f"parallel.etp={etp} does not divide model.ffn_hidden_size={ffn_hidden_size}")
+    if overlap_groups < 1:
+        raise ValueError(f"moe.overlap_groups={overlap_groups} must be >= 1")
+
+
+def shard_experts(experts: SwiGLUExperts, ep: int, ep_rank: int, etp: int, etp_rank: int) -> SwiGLUExperts:
+    """This rank's SwiGLUExperts: its E/EP experts, each with its 1/ETP slice of the FFN hidden dimension.
+
+    Parameters are tagged `expert_parallel = True` (and Megatron's `allreduce = False`): their gradients are
+    complete over EP x ETP after backward and must be summed over EDP only (`sync_expert_grads`), not over DP.
+    """
+    E, hidden, ffn = experts.w_gate.shape
+    check_expert_parallel_sizes(E, ffn, ep, etp)
+    experts_local, ffn_local = E // ep, ffn // etp
+    e0, f0 = ep_rank * experts_local, etp_rank * ffn_local
+    with torch.device("meta"):
+        shard = SwiGLUExperts(experts_local, hidden, ffn_local)
+    with torch.no_grad():
+        shard.w_gate = torch.nn.Parameter(experts.w_gate[e0:e0 + experts_local, :, f0:f0 + ffn_local].clone())
+        shard.w_up = torch.nn.Parameter(experts.w_up[e0:e0 + experts_local, :, f0:f0 + ffn_local].clone())
+        shard.w_down = torch.nn.Parameter(experts.w_down[e0:e0 + experts_local, f0:f0 + ffn_local, :].clone())
+    for p in shard.parameters():
+        p.expert_parallel = True
+        p.allreduce = False
+    return shard
+
+
+@torch.no_grad()
+def sync_expert_grads(params, edp_group, scale: float = 1.0) -> None:
+    """Sum expert gradients over the expert-data-parallel group, times `scale`.
+
+    EP x ETP already summed every token's contribution inside one replica, so EDP completes the sum over all
+    data. With the trainer's convention (loss normalised by the global token count, dense gradients summed over
+    DP) scale is 1; where dense gradients are averaged over the DP x CP ranks, pass scale = 1 / (DP x CP).
+    """
+    grads = [p.grad for p in params if getattr(p, "expert_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if group_size(edp_group) > 1:
+        dist.all_reduce(flat, group=edp_group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@dataclass
+class _GroupPlan:
+    """Host-side sizes of one token group on this rank."""
+    send_splits: list[int]  # rows to each EP rank
+    recv_splits: list[int]  # rows from each EP rank
+    pad: int  # rows per ETP rank in the padded all-gather
+    rows_mine: int  # rows this rank received over EP (its block of the ETP gather)
+    src_pos: list[int]  # for every row in local-expert order: its position in the padded gathered buffer
+    tokens_per_local_expert: list[int]
+
+
+def _plan(counts, g: int, ep_rank: int, etp_rank: int, experts_local: int) -> _GroupPlan:
+    """counts[i][p][g][e]: kept assignments of rank (ep i, etp p) in group g for expert e (nested lists)."""
+    ep, etp = len(counts), len(counts[0])
+    mine = slice(ep_rank * experts_local, (ep_rank + 1) * experts_local)
+    row = counts[ep_rank][etp_rank][g]
+    send = [sum(row[j * experts_local:(j + 1) * experts_local]) for j in range(ep)]
+    # After the EP all-to-all, rank (., p) holds rows ordered by source EP rank i, then by local expert.
+    block = [[counts[i][p][g][mine] for i in range(ep)] for p in range(etp)]  # block[p][i][l]
+    rows = [sum(sum(b) for b in block[p]) for p in range(etp)]
+    pad = max(rows) if etp == 1 else max(max(rows), 1)  # no zero-size collectives
+    start = {}
+    for p in range(etp):
+        offset = p * pad
+        for i in range(ep):
+            for l in range(experts_local):
+                start[p, i, l] = offset
+                offset += block[p][i][l]
+    src_pos, per_expert = [], []
+    for l in range(experts_local):  # local-expert order; within an expert: ETP peer, then source EP rank
+        n = 0
+        for p in range(etp):
+            for i in range(ep):
+                src_pos.extend(range(start[p, i, l], start[p, i, l] + block[p][i][l]))
+                n += block[p][i][l]
+        per_expert.append(n)
+    recv = [sum(block[etp_rank][i]) for i in range(ep)]
+    return _GroupPlan(send, recv, pad, rows[etp_rank], src_pos, per_expert)
+
+
+def swiglu_products(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    """model.moe.SwiGLUExperts' arithmetic on weights cast once by the caller (not once per token group).
+
+    Grouped products (F.grouped_mm) on CUDA in bf16/fp16, a per-expert loop elsewhere. With no rows the result
+    still depends on x and the weights, so this rank's backward (and its collectives) runs like its peers'.
+    """
+    if x_sorted.is_cuda and x_sorted.dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm"):
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        h = F.silu(F.grouped_mm(x_sorted, w_gate, offs=offs)) * F.grouped_mm(x_sorted, w_up, offs=offs)
+        return F.grouped_mm(h, w_down, offs=offs)
+    outs = [(F.silu(c @ w_gate[e]) * (c @ w_up[e])) @ w_down[e]
+            for e, c in enumerate(x_sorted.split(tokens_per_expert.tolist())) if c.shape[0]]
+    if outs:
+        return torch.cat(outs)
+    anchor = x_sorted.sum() + w_gate.sum() + w_up.sum() + w_down.sum()
+    return x_sorted.new_zeros(0, w_down.shape[-1]) + 0 * anchor
+
+
+_streams: dict = {}
+
+
+def _group_streams(device: torch.device, n: int) -> list:
+    key = (device, n)
+    if key not in _streams:
+        _streams[key] = [torch.cuda.Stream(device) for _ in range(n)]
+    return _streams[key]
+
+
+def expert_parallel_forward(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor,
+                            gates: torch.Tensor, experts: SwiGLUExperts, num_experts: int, ep_group, etp_group,
+                            overlap_groups: int = 1) -> torch.Tensor:
+    """MoE.experts_forward over EP x ETP: the kept assignments (token_idx, expert_idx, gates) -> output [T, h]."""
+    T, G = x.shape[0], overlap_groups
+    ep, etp = group_size(ep_group), group_size(etp_group)
+    ep_rank, etp_rank = group_rank(ep_group), group_rank(etp_group)
+    experts_local = num_experts // ep
+
+    # Permute by (token group, expert): groups are contiguous token ranges, so each row's group is known locally.
+    key = (token_idx * G // max(T, 1)) * num_experts + expert_idx
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=G * num_experts).view(G, num_experts)
+    counts_all = gather_group_counts(counts, (etp_group, ep_group)).view(ep, etp, G, num_experts).tolist()
+    plans = [_plan(counts_all, g, ep_rank, etp_rank, experts_local) for g in range(G)]
+    # Expert products run in the autocast dtype when autocast is on (so bf16 takes the grouped path); the weights
+    # are cast once here, on the main stream, where their gradients then accumulate.
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    weights = [w.to(dtype).view(w.shape) for w in (experts.w_gate, experts.w_up, experts.w_down)]
+    x_send = x[token_idx[order]].to(dtype)
+    chunks = x_send.split([sum(p.send_splits) for p in plans])
+
+    streams = _group_streams(x.device, G) if x.is_cuda and G > 1 else None
+    if streams is not None:
+        main = torch.cuda.current_stream(x.device)
+        for s in streams:  # tensors made on the main stream and used on s stay allocated until s is done
+            s.wait_stream(main)
+            for t in (x_send, *weights):
+                t.record_stream(s)
+
+    def on_stream(g):
+        return torch.cuda.stream(streams[g]) if streams is not None else nullcontext()
+
+    # Stage-major issue order: all dispatches, then all expert products, then all combines. On CUDA, group g's
+    # products run on its stream while later groups' collectives proceed on the communicators' streams.
+    dispatched, positions = [], []
+    for g, plan in enumerate(plans):
+        with on_stream(g):
+            received = all_to_all(chunks[g], plan.recv_splits, plan.send_splits, ep_group)
+            if etp > 1:
+                received = F.pad(received, (0, 0, 0, plan.pad - plan.rows_mine))
+            gathered = all_gather(received, etp_group)
+            pos = torch.tensor(plan.src_pos, dtype=torch.long, device=x.device)
+            positions.append(pos)
+            dispatched.append(gathered[pos])
+    computed = []
+    for g, plan in enumerate(plans):
+        with on_stream(g):
+            per_expert = torch.tensor(plan.tokens_per_local_expert, dtype=torch.long, device=x.device)
+            computed.append(swiglu_products(dispatched[g], per_expert, *weights))
+    returned = []
+    for g, plan in enumerate(plans):
+        with on_stream(g):
+            y = computed[g]
+            padded = y.new_zeros(etp * plan.pad, y.shape[1]).index_copy(0, positions[g], y)
+            mine = reduce_scatter(padded, etp_group)[:plan.rows_mine]
+            returned.append(all_to_all(mine, plan.send_splits, plan.recv_splits, ep_group))
+    if streams is not None:
+        for g, s in enumerate(streams):
+            main.wait_stream(s)
+            returned[g].record_stream(main)
+
+    y = torch.cat(returned).to(x.dtype) * gates[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_idx[order], y)

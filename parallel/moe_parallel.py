@@ -1,0 +1,95 @@
+"""Swap a single-process `model.moe.MoE` for its expert-parallel version (EP x ETP, global or local router).
+
+The swap keeps the router (replicated, a dense parameter), slices this rank's experts out of the full weights,
+and overrides the three seams of MoE: `capacity` (global or local rule on the router group's gathered demand),
+`aux_loss` (group statistics in global mode) and `experts_forward` (the EP/ETP dispatcher).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from model.moe import MoE, Routing
+
+from .collectives import group_rank, group_size
+from .expert_parallel import check_expert_parallel_sizes, expert_parallel_forward, shard_experts
+from .global_router import (
+    ROUTER_MODES,
+    capacity_per_rank,
+    gather_group_counts,
+    group_aux_loss,
+    group_stats,
+    kept_counts,
+)
+
+
+class ExpertParallelMoE(MoE):
+    """MoE whose experts live on EP x ETP ranks; every rank routes its own tokens.
+
+    last_stats keeps the model's per-rank keys (aux_loss, routed, dropped, tokens_per_expert) and adds the
+    router group's: drop_rate, group_routed, group_dropped, group_tokens_per_expert, group_kept_per_expert,
+    load_share_min/max/mean.
+    """
+
+    def __init__(self, moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
+                 aux_loss_scale: float | None = None):
+        nn.Module.__init__(self)
+        ep, etp = group_size(ep_group), group_size(etp_group)
+        E, _, ffn = moe.experts.w_gate.shape
+        check_expert_parallel_sizes(E, ffn, ep, etp, overlap_groups)
+        if router_mode not in ROUTER_MODES:
+            raise ValueError(f"router.mode={router_mode!r} must be one of {list(ROUTER_MODES)}")
+        self.num_experts, self.top_k = moe.num_experts, moe.top_k
+        self.capacity_factor, self.aux_loss_coef = moe.capacity_factor, moe.aux_loss_coef
+        self.gate = moe.gate
+        self.experts = shard_experts(moe.experts, ep, group_rank(ep_group), etp, group_rank(etp_group))
+        self.ep_group, self.etp_group = ep_group, etp_group
+        self.router_mode, self.overlap_groups = router_mode, overlap_groups
+        # Router group = EP x ETP ranks, ETP index fastest; see parallel/global_router.py.
+        self.router_rank = group_rank(ep_group) * etp + group_rank(etp_group)
+        # Gradient multiplier of the group aux loss = data-parallel replicas per router group: ep*etp when every
+        # rank is its own replica (pure DP folding); ep*etp / (tp*cp) when TP/CP peers share a micro-batch.
+        self.aux_loss_scale = float(ep * etp) if aux_loss_scale is None else float(aux_loss_scale)
+        self.last_stats = {}
+        self._group_counts = None
+
+    def capacity(self, routing: Routing, num_tokens: int):
+        demand = gather_group_counts(routing.tokens_per_expert, (self.etp_group, self.ep_group))
+        capacity = capacity_per_rank(self.router_mode, demand, self.top_k, self.capacity_factor)
+        self._group_counts = (demand, kept_counts(demand, capacity))
+        return None if capacity is None else capacity[self.router_rank]
+
+    def aux_loss(self, routing: Routing, num_tokens: int):
+        if self.router_mode == "local":
+            return super().aux_loss(routing, num_tokens)
+        demand = self._group_counts[0]
+        group_tokens = demand.sum() // self.top_k
+        return group_aux_loss(routing.probs, demand.sum(0), group_tokens, self.top_k, self.aux_loss_coef,
+                              (self.etp_group, self.ep_group), self.aux_loss_scale)
+
+    def experts_forward(self, x, token_idx, expert_idx, gates):
+        return expert_parallel_forward(x, token_idx, expert_idx, gates, self.experts, self.num_experts,
+                                       self.ep_group, self.etp_group, self.overlap_groups)
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.last_stats.update(group_stats(*self._group_counts))
+        self._group_counts = None
+        return out
+
+
+def make_moe_expert_parallel(moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
+                             aux_loss_scale: float | None = None) -> ExpertParallelMoE:
+    """The expert-parallel replacement of `moe` for this rank (call on every rank, same full weights)."""
+    return ExpertParallelMoE(moe, ep_group, etp_group, router_mode, overlap_groups, aux_loss_scale)
+
+
+def parallelize_moe_layers(model: nn.Module, ep_group, etp_group, router_mode: str = "global",
+                           overlap_groups: int = 1, aux_loss_scale: float | None = None) -> nn.Module:
+    """Replace every MoE submodule of `model` in place (e.g. `layer.mlp` of each decoder layer)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is MoE:
+                setattr(parent, name, make_moe_expert_parallel(child, ep_group, etp_group, router_mode,
+                                                               overlap_groups, aux_loss_scale))
+    return model
