@@ -1,0 +1,233 @@
+"""End-to-end trainer tests on a micro model (CPU): loss goes down, resume is exact, the batch-size switch,
+non-finite loss handling, atomic checkpoints, and one-line errors for bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.train import EXIT_BAD_INPUT, EXIT_NON_FINITE, main_from_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two layers (one lightning, one softmax), 4 experts; runs a step in well under a second on one core.
+MICRO = [
+    "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.head_dim=16",
+    "model.num_kv_heads=1", "model.num_experts=4", "model.ffn_hidden_size=64", "model.softmax_period=2",
+    "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.log_every=1000",
+    "logging.wandb.mode=disabled", "logging.progress_bar=false",
+    "schedule.lr.warmup_steps=2", "schedule.lr.decay_steps=0", "schedule.lr.drop_at_step=null",
+]
+# 128 tokens (1 micro-batch) per step until 640 tokens were seen, then 256 (2 micro-batches).
+SWITCH_AT = 640
+BATCH = [f"schedule.batch=[{{tokens:0,global_batch_tokens:128}},{{tokens:{SWITCH_AT},global_batch_tokens:256}}]"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The CPU cores are shared with other test processes; spinning OpenMP threads make tiny models crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(run_dir: Path, *overrides: str) -> int:
+    return main_from_overrides([*MICRO, *BATCH, f"trainer.run_dir={run_dir}", *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_steps(run_dir: Path) -> list[str]:
+    return [p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256((path / ckpt.STATE_FILE).read_bytes()).hexdigest()
+
+
+# ---- training works --------------------------------------------------------------------------------------
+
+def test_tiny_run_lowers_loss(tmp_path):
+    run_dir = tmp_path / "run"
+    rc = train(run_dir, "trainer.steps=40", "stage.seq_len=128", "trainer.micro_batch_size=4",
+               "schedule.batch=[{tokens:0,global_batch_tokens:1024}]", "trainer.checkpoint.every=0")
+    assert rc == 0
+    losses = [m["loss"] for m in metrics(run_dir)]
+    assert len(losses) == 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.5, (first, last)
+    assert checkpoint_steps(run_dir) == ["step_000040"]
+    row = metrics(run_dir)[-1]
+    for key in ("loss", "aux_loss", "drop_rate", "grad_norm", "lr", "global_batch_tokens", "tokens_per_s",
+                "tflops_per_device", "mfu", "memory_gib"):
+        assert isinstance(row[key], (int, float)), key
+    assert (run_dir / "config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 steps in one go, checkpoints every 4 (keep_last=1 leaves only the final one)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert train(run_dir, "trainer.steps=8", "trainer.checkpoint.every=4", "trainer.checkpoint.keep_last=1") == 0
+    return run_dir
+
+
+def test_batch_size_switch_at_configured_tokens(straight_run):
+    rows = metrics(straight_run)
+    tokens_before = 0
+    for row in rows:
+        expected = 128 if tokens_before < SWITCH_AT else 256
+        assert row["global_batch_tokens"] == expected, row
+        assert row["micro_batches"] == expected // 128
+        tokens_before += row["global_batch_tokens"]
+        assert row["tokens"] == tokens_before
+    assert [r["global_batch_tokens"] for r in rows] == [128] * 5 + [256] * 3
+
+
+def test_resume_gives_identical_losses(straight_run, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.steps=4", "trainer.checkpoint.every=0") == 0
+    assert checkpoint_steps(run_dir) == ["step_000004"]
+    assert train(run_dir, "trainer.steps=8", "trainer.resume=auto", "trainer.checkpoint.every=0") == 0
+    resumed = metrics(run_dir)
+    straight = metrics(straight_run)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "aux_loss", "grad_norm", "lr", "global_batch_tokens", "tokens"):
+            assert a[key] == b[key], (a["step"], key)  # bitwise: same ops, same order, same data
+    assert checkpoint_steps(straight_run) == ["step_000008"]  # keep_last=1 pruned step 4
+    final_a = ckpt.load_state(ckpt.latest_checkpoint(straight_run / "checkpoints"))
+    final_b = ckpt.load_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    assert final_a["trainer"] == final_b["trainer"] and final_a["data"] == final_b["data"]
+    for name, tensor in final_a["model"].items():
+        assert torch.equal(tensor, final_b["model"][name]), name
+
+
+def test_resume_auto_ignores_incomplete_checkpoints(straight_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    root = run_dir / "checkpoints"
+    (root / ".tmp-step_000012").mkdir()  # a crash mid-save ...
+    (root / ".tmp-step_000012" / ckpt.STATE_FILE).write_bytes(b"partial")
+    (root / "step_000010").mkdir()  # ... or a folder without the marker
+    (root / "step_000010" / ckpt.STATE_FILE).write_bytes(b"partial")
+    assert ckpt.resolve_resume("auto", root).name == "step_000008"
+    # nothing left to do at step 8 of 8: resumes from the complete one and exits cleanly
+    assert train(run_dir, "trainer.steps=8", "trainer.resume=auto") == 0
+    assert len(metrics(run_dir)) == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(straight_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    good = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    before = digest(good)
+    capsys.readouterr()
+    # a huge LR blows the weights up in step 9, so step 10's loss is not finite
+    rc = train(run_dir, "trainer.steps=12", "trainer.resume=auto", "optim.lr=1e30", "schedule.lr.warmup_steps=0",
+               "trainer.checkpoint.every=0")
+    err = capsys.readouterr().err
+    assert rc == EXIT_NON_FINITE
+    assert "non-finite" in err and "step 10" in err, err
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert checkpoint_steps(run_dir) == ["step_000008"] and digest(good) == before
+    state = ckpt.load_state(good)
+    assert state["trainer"]["step"] == 8
+
+
+# ---- bad input: one line naming the setting, exit code 2, nothing written ---------------------------------
+
+def _bad_inputs(tmp_path: Path):
+    empty_dir = tmp_path / "empty_corpus"
+    empty_dir.mkdir()
+    bad_tokenizer = tmp_path / "tokenizer.json"
+    bad_tokenizer.write_text("{ this is not a tokenizer")
+    not_ckpt = tmp_path / "step_000001"
+    not_ckpt.mkdir()
+    return {
+        "unknown key": (["trainer.stepz=3"], "trainer.stepz"),
+        "unknown group option": (["model=nope"], "model=nope"),
+        "bad value": (["trainer.device=tpu"], "trainer.device"),
+        "missing data path": (["data.source=files", f"data.path={tmp_path / 'nope.jsonl'}"], "data.path"),
+        "empty data path": (["data.source=files", f"data.path={empty_dir}"], "data.path"),
+        "unreadable tokenizer": ([f"data.tokenizer={bad_tokenizer}"], "data.tokenizer"),
+        "batch not divisible": (["stage.seq_len=96"], "global_batch_tokens"),
+        "vocab too small": (["model.vocab_size=100"], "model.vocab_size"),
+        "invalid model config": (["model.num_kv_heads=3"], "model.num_heads"),
+        "unknown model key": (["+model.bogus=1"], "bogus"),
+        "schedule too long": (["trainer.steps=3", "schedule.lr.warmup_steps=5"], "schedule.lr.warmup_steps"),
+        "resume not a checkpoint": ([f"trainer.resume={not_ckpt}"], "trainer.resume"),
+        "parallel layout not wired": (["parallel=tp2"], "parallel=tp2"),
+    }
+
+
+BAD_CASES = ["unknown key", "unknown group option", "bad value", "missing data path", "empty data path",
+             "unreadable tokenizer", "batch not divisible", "vocab too small", "invalid model config",
+             "unknown model key", "schedule too long", "resume not a checkpoint", "parallel layout not wired"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_one_line_and_nothing_written(case, tmp_path, capsys):
+    overrides, needle = _bad_inputs(tmp_path)[case]
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    rc = train(run_dir, "trainer.steps=4", *overrides)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == EXIT_BAD_INPUT
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert needle in lines[0], lines[0]
+    assert not run_dir.exists()
+
+
+def test_existing_run_without_resume_is_refused(straight_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train(run_dir, "trainer.steps=8") == EXIT_BAD_INPUT
+    assert "trainer.resume=auto" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "trainer.stepz=1", f"trainer.run_dir={run_dir}"],
+                          cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.strip().splitlines() == [
+        "error: config: unknown key 'trainer.stepz' (not in conf/; use +trainer.stepz=... only to add a new key)"]
+    assert proc.stdout == "" and not run_dir.exists()
+
+
+# ---- torchrun: two CPU processes, plain data parallel -----------------------------------------------------
+
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    # micro_batch_size=1 so that every global batch splits over 2 ranks (128 tokens = 2 windows of 64)
+    common = [*MICRO, *BATCH, "trainer.micro_batch_size=1", "trainer.steps=6", "trainer.checkpoint.every=3",
+              "trainer.checkpoint.keep_last=1"]
+    single_dir, dp_dir = tmp_path / "single", tmp_path / "dp"
+    assert main_from_overrides([*common, f"trainer.run_dir={single_dir}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "trainer.train", *common, f"trainer.run_dir={dp_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # each rank takes half of every global batch; summed gradients give the single-process step
+    single, dp = metrics(single_dir), metrics(dp_dir)
+    assert len(dp) == 6  # rank 0 alone writes
+    for a, b in zip(single, dp):
+        assert b["global_batch_tokens"] == a["global_batch_tokens"] and b["micro_batches"] == a["micro_batches"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+    assert checkpoint_steps(dp_dir) == ["step_000006"]

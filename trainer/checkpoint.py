@@ -1,0 +1,130 @@
+"""Atomic checkpoints: `<run_dir>/checkpoints/step_000123/` with a `complete` marker written last.
+
+A checkpoint is written into `.tmp-step_000123/`, every file fsync'ed, the marker added, and the folder
+renamed into place, so a crash mid-save never leaves a `step_*` folder that loads. Readers accept only
+`step_*` folders holding the marker. `save_state` / `load_state` are the only places that know the file
+format (torch.save of the full state from rank 0); a later issue can swap them for torch DCP to get
+sharded, layout-independent checkpoints without touching the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+MARKER = "complete"
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / MARKER).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first; temp folders and folders without the marker are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_state(tmp_dir: Path, state: dict) -> None:
+    """Write the training state into `tmp_dir` (format-specific half of a save)."""
+    torch.save(state, tmp_dir / STATE_FILE)
+    _fsync_file(tmp_dir / STATE_FILE)
+
+
+def load_state(ckpt_dir: Path, map_location="cpu") -> dict:
+    """Read the training state of a complete checkpoint (format-specific half of a load)."""
+    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=map_location, weights_only=False)
+
+
+def save_checkpoint(root: Path, step: int, state: dict, config_yaml: str, meta: dict, keep_last: int) -> Path:
+    """Atomically write checkpoint `step` under `root`, then prune to the newest `keep_last` (0 keeps all)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left over by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    tmp.mkdir()
+
+    save_state(tmp, state)
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
+    for name in ("config.yaml", "meta.json"):
+        _fsync_file(tmp / name)
+    (tmp / MARKER).write_text("")
+    _fsync_file(tmp / MARKER)
+    _fsync_dir(tmp)
+
+    if final.exists():  # re-saving a step (a run resumed from an older checkpoint): swap, then drop the old one
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+
+    if keep_last > 0:
+        for old_ckpt in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old_ckpt, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint folder that `trainer.resume` asks for, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if path.is_dir() and not _STEP_DIR.match(path.name):  # a checkpoints root or run dir: take its newest
+        inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest = latest_checkpoint(inner)
+        if newest is None:
+            raise ConfigError(f"trainer.resume={resume}: no complete checkpoint in that folder")
+        return newest
+    if not is_complete(path):
+        raise ConfigError(f"trainer.resume={resume}: not a complete checkpoint (missing folder or '{MARKER}' marker)")
+    return path

@@ -1,0 +1,141 @@
+"""Composing the Hydra config and checking the trainer's settings, each failure as one line naming the setting."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "config"
+
+
+class ConfigError(Exception):
+    """Bad input: the message is one line that names the offending setting."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _hydra_message(exc: Exception) -> str:
+    """Hydra's composition errors span several lines and name the key differently per case; make one line."""
+    msg = str(exc)
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        return f"config: unknown key '{m.group(1)}' (not in conf/; use +{m.group(1)}=... only to add a new key)"
+    m = re.search(r"Could not (?:find|load) '([^']+)'", msg)
+    if m:
+        group, _, choice = m.group(1).rpartition("/")
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if group else []
+        known = f" (available: {', '.join(options)})" if options else ""
+        return f"config: {group or 'config'}={choice} is not a known option{known}"
+    m = re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        return f"config: unknown key '{m.group(1)}'"
+    return "config: " + _one_line(first)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The resolved config for `overrides` (Hydra's command-line syntax), in struct mode.
+
+    Hydra's compose API is used instead of @hydra.main so that every error can be reported as one
+    line and so tests can run the trainer in-process; Hydra never creates output folders or changes cwd.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(_hydra_message(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+    model_choice = cfg.hydra.runtime.choices.get("model") or "run"
+    with _open_dict(cfg):
+        del cfg["hydra"]
+        if cfg.trainer.name is None:
+            cfg.trainer.name = model_choice
+        if cfg.trainer.run_dir is None:
+            cfg.trainer.run_dir = os.path.join("outputs", str(cfg.trainer.name))
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError("config: " + _one_line(exc)) from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+class _open_dict:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _positive_int(cfg, key: str, allow_zero: bool = False) -> int:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    _need(ok, f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} integer")
+    return value
+
+
+def _number(cfg, key: str, low: float | None = None, nullable: bool = False) -> float | None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _need(ok and (low is None or value >= low), f"{key}={value!r} must be a number" + (f" >= {low}" if low is not None else ""))
+    return float(value)
+
+
+def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
+    value = OmegaConf.select(cfg, key)
+    _need(value in options, f"{key}={value!r} must be one of {'|'.join(options)}")
+    return value
+
+
+def validate_trainer_config(cfg: DictConfig) -> None:
+    """Type and range checks of the trainer-owned groups (model/ and data/ validate themselves)."""
+    for key in ("trainer.steps", "trainer.micro_batch_size", "trainer.log_every", "stage.seq_len"):
+        _positive_int(cfg, key)
+    for key in ("trainer.seed", "trainer.checkpoint.every", "trainer.checkpoint.keep_last"):
+        _positive_int(cfg, key, allow_zero=True)
+    _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "trainer.dtype", ("auto", "fp32", "bf16"))
+    resume = cfg.trainer.resume
+    _need(isinstance(resume, str) and resume != "", f"trainer.resume={resume!r} must be none, auto or a checkpoint path")
+    _need(isinstance(cfg.trainer.run_dir, str) and cfg.trainer.run_dir != "", "trainer.run_dir must be a path")
+    _number(cfg, "stage.rope_base", low=1.0, nullable=True)
+
+    _choice(cfg, "optim.name", ("adamw",))
+    _choice(cfg, "optim.impl", ("auto", "apex", "fused", "foreach"))
+    _number(cfg, "optim.lr", low=0.0)
+    _number(cfg, "optim.eps", low=0.0)
+    _number(cfg, "optim.weight_decay", low=0.0)
+    _number(cfg, "optim.grad_clip", low=0.0, nullable=True)
+    betas = cfg.optim.betas
+    _need(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+          f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+
+    _choice(cfg, "logging.wandb.mode", ("online", "offline", "disabled"))
+    _number(cfg, "logging.peak_tflops", low=0.0, nullable=True)
+    _number(cfg, "logging.cpu_peak_tflops", low=0.0)
+    _need(cfg.parallel.get("name") is not None, "parallel.name must be set (e.g. parallel=single)")

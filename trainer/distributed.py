@@ -1,0 +1,131 @@
+"""Process layout from torchrun's environment, and the seam where parallel/ will wrap the model.
+
+Until parallel/ provides `parallelize(model, topo)`, world > 1 runs plain data parallelism: every rank
+holds the whole model, takes its share of the global batch, and gradients are summed with all_reduce.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size; the whole world while the model is replicated on every rank."""
+        return self.world_size
+
+
+def env_from_torchrun() -> DistEnv:
+    def read(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise ConfigError(f"environment: {name}={os.environ[name]!r} is not an integer") from None
+
+    return DistEnv(read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0))
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    """gloo on CPU, nccl on CUDA; a no-op for a single process."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank (used for decisions that must agree, like the checkpoint to resume)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_parallel_layout(parallel_cfg) -> None:
+    """Only `single` is driven by this trainer so far; parallel/ layouts need its optimizer and grad sync too."""
+    if parallel_cfg.name != "single":
+        raise ConfigError(f"parallel={parallel_cfg.name}: the trainer drives only parallel=single so far "
+                          f"(plain data parallel under torchrun); parallel/ layouts are not wired in yet")
+
+
+def wrap_model(model: torch.nn.Module, parallel_cfg, env: DistEnv) -> torch.nn.Module:
+    """The place where parallel/ makes the model this rank's part of a layout.
+
+    For other layouts this becomes `topo = Topology.from_config(cfg.parallel, model_cfg, seq_len)` and
+    `parallelize(model, topo)`, together with parallel's optimizer/grad sync and a data slice per DP rank.
+    """
+    check_parallel_layout(parallel_cfg)
+    if env.distributed:  # identical start on every replica even if initialisation were not deterministic
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    return model
+
+
+def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
+    """Sum gradients over data-parallel replicas (the loss is already normalised by the global token count).
+
+    One flattened all_reduce per dtype keeps the call count small; parallel/ replaces this with bucketed,
+    overlapped reduction.
+    """
+    if not env.distributed:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

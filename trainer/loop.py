@@ -1,0 +1,182 @@
+"""The training loop: gradient accumulation over micro-batches, the optimizer step, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .distributed import DistEnv, all_reduce_sum, barrier, sum_gradients
+from .logger import say
+from .metrics import peak_memory_gib, throughput
+from .optim import set_lr
+from .schedules import BatchSchedule, LRSchedule
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm of a step is NaN/inf; raised before the optimizer step."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # global tokens consumed by those steps
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, *, cfg, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None,
+                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream, collate,
+                 lr_schedule: LRSchedule, batch_schedule: BatchSchedule, logger, flops_per_token: float,
+                 peak_tflops: float, ckpt_root: Path, config_yaml: str):
+        self.cfg, self.env, self.device, self.autocast_dtype = cfg, env, device, autocast_dtype
+        self.model, self.optimizer, self.stream, self.collate = model, optimizer, stream, collate
+        self.lr_schedule, self.batch_schedule, self.logger = lr_schedule, batch_schedule, logger
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.ckpt_root, self.config_yaml = Path(ckpt_root), config_yaml
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.seq_len = int(cfg.stage.seq_len)
+        self.micro_batch_size = int(cfg.trainer.micro_batch_size)
+        self.grad_clip = float(cfg.optim.grad_clip or 0.0)
+        self.state = TrainState()
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk (set by resume and save)
+
+    # ---- checkpoint state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
+                          "lr": self.optimizer.param_groups[0]["lr"]},
+            "data": self.stream.state_dict(),
+            "rng": rng_state(),
+            "trainer": {"step": self.state.step, "tokens_seen": self.state.tokens_seen},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.state = TrainState(**state["trainer"])
+        self.saved_step = self.state.step
+
+    def save(self) -> None:
+        """Rank 0 writes (every rank holds the same replica and the same data position); others wait."""
+        if self.env.is_main:
+            meta = {"tokens_seen": self.state.tokens_seen, "world_size": self.env.world_size}
+            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.state_dict(), self.config_yaml, meta,
+                                        int(self.cfg.trainer.checkpoint.keep_last))
+            say(f"checkpoint: {path}")
+        barrier(self.env)
+        self.saved_step = self.state.step
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def _next_micro_batches(self, micro_per_rank: int) -> list[dict]:
+        """This rank's micro-batches of the step. Every rank reads the same global stream and keeps its slice,
+        so the global batch (and the checkpointed data position) does not depend on the world size."""
+        per_rank = micro_per_rank * self.micro_batch_size
+        windows = [self.stream.next_window() for _ in range(per_rank * self.env.dp)]
+        mine = windows[self.env.rank * per_rank:(self.env.rank + 1) * per_rank]
+        return [self.collate(mine[i:i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        step = self.state.step + 1
+        global_batch = self.batch_schedule.global_batch_tokens(self.state.tokens_seen)
+        micro_per_rank = self.batch_schedule.micro_batches_per_rank(
+            self.state.tokens_seen, self.micro_batch_size, self.seq_len, self.env.dp)
+        micro_batches = self._next_micro_batches(micro_per_rank)
+        lr = self.lr_schedule(step, self.state.tokens_seen)
+        set_lr(self.optimizer, lr)
+
+        # Normalise by the label tokens of the whole global batch, so that accumulation and data parallelism
+        # give the same gradient as one big batch (documents end at EOS, so counts differ per micro-batch).
+        local_labels = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        label_tokens = int(all_reduce_sum(torch.tensor([local_labels], dtype=torch.float64), self.env).item())
+        denom = max(label_tokens, 1)
+        aux_weight = 1.0 / (micro_per_rank * self.env.dp)  # mean aux loss over all micro-batches
+
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss_sum, aux, dropped, routed
+        self.model.train()
+        for mb in micro_batches:
+            input_ids = mb["input_ids"].to(self.device, non_blocking=True)
+            labels = mb["labels"].to(self.device, non_blocking=True)
+            cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                out = self.model(input_ids, cu_seqlens, labels)
+            loss = out.loss_sum / denom + out.aux_loss * aux_weight
+            loss.backward()
+            stats += torch.stack([out.loss_sum.detach().double(), torch.as_tensor(out.aux_loss).detach().double(),
+                                  torch.as_tensor(out.moe_dropped, device=self.device).double(),
+                                  torch.as_tensor(out.moe_routed, device=self.device).double()])
+        stats = all_reduce_sum(stats, self.env).tolist()
+        loss_value = stats[0] / denom
+        aux_value = stats[1] * aux_weight
+        if not math.isfinite(loss_value) or not math.isfinite(aux_value):
+            raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
+                                f"stopped before the optimizer step, no checkpoint written")
+
+        sum_gradients(self.params, self.env)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {step} (loss={loss_value}); "
+                                f"stopped before the optimizer step, no checkpoint written")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+
+        self.state = TrainState(step, self.state.tokens_seen + global_batch)
+        return {
+            "step": step,
+            "tokens": self.state.tokens_seen,
+            "loss": loss_value,
+            "aux_loss": aux_value,
+            "drop_rate": stats[2] / stats[3] if stats[3] else 0.0,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "global_batch_tokens": global_batch,
+            "micro_batches": micro_per_rank * self.env.dp,
+            "label_tokens": label_tokens,
+            "step_time_s": seconds,
+            **throughput(global_batch, seconds, self.flops_per_token, self.env.world_size, self.peak_tflops),
+            "memory_gib": peak_memory_gib(self.device),
+        }
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        total = int(self.cfg.trainer.steps)
+        every = int(self.cfg.trainer.checkpoint.every)
+        if self.state.step >= total and self.env.is_main:
+            say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
+        while self.state.step < total:
+            metrics = self.train_step()
+            self.logger.log_step(metrics)
+            if every and self.state.step % every == 0:
+                self.save()
+        if self.saved_step != self.state.step:
+            self.save()

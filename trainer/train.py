@@ -1,0 +1,202 @@
+"""`python -m trainer.train [hydra overrides]`: train a MiniMax-01-style model (one process or under torchrun).
+
+All inputs are checked before any work or file write; a bad one is reported as one line naming the setting,
+with exit code 2. A non-finite loss stops the run before the optimizer step with exit code 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import checkpoint as ckpt
+from .config import ConfigError, compose_config, validate_trainer_config
+from .distributed import (
+    DistEnv,
+    check_parallel_layout,
+    env_from_torchrun,
+    init_process_group,
+    pick_device,
+    shutdown,
+    wrap_model,
+)
+from .schedules import BatchSchedule, LRSchedule
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
+
+
+@dataclass
+class Plan:
+    """Everything decided and checked before the first side effect."""
+
+    model_cfg: object
+    tokenizer: object
+    stream: object
+    collate: object
+    lr_schedule: LRSchedule
+    batch_schedule: BatchSchedule
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    run_dir: Path
+    resume_from: Path | None
+
+
+def build_model_config(cfg):
+    from model import ModelConfig
+
+    model_dict = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.stage.get("rope_base") is not None:  # the RoPE base belongs to the context stage (MiniMax Table 6)
+        model_dict["rope_base"] = float(cfg.stage.rope_base)
+    try:
+        return ModelConfig.from_dict(model_dict)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("model config") else f"model config: {msg}") from None
+
+
+def _data_error(exc: Exception) -> ConfigError:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return ConfigError(msg if msg.startswith("data") else f"data: {msg}")
+
+
+def plan_run(cfg, env: DistEnv) -> Plan:
+    """Check every input and build the objects that only read (config, tokenizer, data stream)."""
+    validate_trainer_config(cfg)
+    check_parallel_layout(cfg.parallel)
+    model_cfg = build_model_config(cfg)
+    seq_len, mbs = int(cfg.stage.seq_len), int(cfg.trainer.micro_batch_size)
+
+    lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
+    batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
+    batch_schedule.check_divisible(mbs, seq_len, env.dp)
+
+    device = pick_device(cfg.trainer.device, env)
+    dtype = cfg.trainer.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+
+    from data import build_stream, build_tokenizer, collate_windows
+
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        raise _data_error(exc) from None
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+    try:
+        # every rank reads the same stream (seeded by data.seed) and keeps its slice of each global batch
+        stream = build_stream(cfg.data, tokenizer, seq_len)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        raise _data_error(exc) from None
+
+    run_dir = Path(cfg.trainer.run_dir)
+    resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    if cfg.trainer.resume == "none" and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(f"trainer.run_dir={run_dir} already holds checkpoints; pass trainer.resume=auto to "
+                          f"continue that run, or choose another trainer.name / trainer.run_dir")
+    return Plan(model_cfg, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
+                autocast_dtype, run_dir, resume_from)
+
+
+def run(cfg, env: DistEnv) -> None:
+    from model import MiniMaxForCausalLM
+
+    from .logger import RunLogger, say
+    from .loop import Trainer
+    from .metrics import peak_tflops
+    from .optim import build_optimizer
+
+    plan = plan_run(cfg, env)
+    init_process_group(env, plan.device)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if env.is_main:  # the only process that writes files
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        (plan.run_dir / "config.yaml").write_text(config_yaml)
+
+    torch.manual_seed(int(cfg.trainer.seed))
+    model = MiniMaxForCausalLM(plan.model_cfg).to(plan.device)
+    counts = model.parameter_counts()
+    flops_per_token = float(model.flops_per_token(int(cfg.stage.seq_len)))
+    model = wrap_model(model, cfg.parallel, env)
+    optimizer, optimizer_impl = build_optimizer(model, cfg.optim)
+
+    trainer = Trainer(
+        cfg=cfg, env=env, device=plan.device, autocast_dtype=plan.autocast_dtype, model=model,
+        optimizer=optimizer, stream=plan.stream, collate=plan.collate, lr_schedule=plan.lr_schedule,
+        batch_schedule=plan.batch_schedule, logger=None, flops_per_token=flops_per_token,
+        peak_tflops=peak_tflops(plan.device, cfg.logging), ckpt_root=plan.run_dir / "checkpoints",
+        config_yaml=config_yaml)
+    if plan.resume_from is not None:
+        try:
+            trainer.load_state_dict(ckpt.load_state(plan.resume_from))
+        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a checkpoint of another model shape
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"trainer.resume: cannot load {plan.resume_from} into this config: {first}") from None
+
+    if env.is_main:
+        say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | "
+            f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} | optimizer {optimizer_impl} | params "
+            f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active (non-embedding) | "
+            + (f"resumed from {plan.resume_from} (step {trainer.state.step})" if plan.resume_from else "fresh start"))
+    trainer.logger = RunLogger(cfg, plan.run_dir, env.is_main, trainer.state.step)
+    success = False
+    try:
+        trainer.run()
+        success = True
+    finally:
+        trainer.logger.close(success)
+
+
+def main_from_overrides(overrides: list[str]) -> int:
+    """Run the trainer with Hydra-style overrides; returns the exit code (used by the CLI and by tests)."""
+    from .loop import NonFiniteLoss
+
+    env = DistEnv()
+    try:
+        env = env_from_torchrun()
+        cfg = compose_config(overrides)
+        run(cfg, env)
+        return 0
+    except ConfigError as exc:
+        if env.is_main:  # every rank sees the same bad input; say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as exc:
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    finally:
+        shutdown()
+
+
+def _print_config(overrides: list[str]) -> int:
+    try:
+        print(OmegaConf.to_yaml(compose_config(overrides), resolve=True), end="")
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nUsage: python -m trainer.train [key=value ...] [--cfg]   "
+              "(--cfg prints the resolved config)\nConfig tree: " + str(Path(__file__).parent.parent / "conf"))
+        return 0
+    if "--cfg" in argv:
+        return _print_config([a for a in argv if a != "--cfg"])
+    return main_from_overrides(argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
