@@ -32,7 +32,7 @@ class ExpertParallelMoE(MoE):
     """
 
     def __init__(self, moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
-                 aux_loss_scale: float | None = None):
+                 ranks_per_micro_batch: int = 1):
         nn.Module.__init__(self)
         ep, etp = group_size(ep_group), group_size(etp_group)
         E, _, ffn = moe.experts.w_gate.shape
@@ -47,9 +47,17 @@ class ExpertParallelMoE(MoE):
         self.router_mode, self.overlap_groups = router_mode, overlap_groups
         # Router group = EP x ETP ranks, ETP index fastest; see parallel/global_router.py.
         self.router_rank = group_rank(ep_group) * etp + group_rank(etp_group)
-        # Gradient multiplier of the group aux loss = data-parallel replicas per router group: ep*etp when every
-        # rank is its own replica (pure DP folding); ep*etp / (tp*cp) when TP/CP peers share a micro-batch.
-        self.aux_loss_scale = float(ep * etp) if aux_loss_scale is None else float(aux_loss_scale)
+        # Aux-loss convention, the same for every layout (single process, DP, TP, CP, EP, global or local rule):
+        # a step's aux loss is the MEAN over all router groups and micro-batches of the Switch loss computed on
+        # that router group's tokens. A router group is one micro-batch for the plain model, TP and CP (whose
+        # TensorParallelMoE routes the TP x CP token group exactly), the EP x ETP ranks' tokens under the global
+        # rule, and one rank's tokens under the local rule. Every rank reports its group's value (so the mean
+        # over all ranks is the step's aux loss), and the trainer backprops aux / (micro-batches per rank * dp)
+        # on every rank. Each rank's backward carries only its own tokens' share, so the shares summed over a
+        # group must be scaled by dp / (router groups) = (router group size) / (ranks per micro-batch):
+        # ep*etp / (tp*cp) for the global rule, 1 / (tp*cp) for the local rule (tests/test_trainer_parallel.py).
+        group_ranks = ep * etp if router_mode == "global" else 1
+        self.aux_loss_scale = group_ranks / float(ranks_per_micro_batch)
         self.last_stats = {}
         self._group_counts = None
 
@@ -61,7 +69,8 @@ class ExpertParallelMoE(MoE):
 
     def aux_loss(self, routing: Routing, num_tokens: int):
         if self.router_mode == "local":
-            return super().aux_loss(routing, num_tokens)
+            aux = super().aux_loss(routing, num_tokens)
+            return aux if self.aux_loss_scale == 1 else aux.detach() + self.aux_loss_scale * (aux - aux.detach())
         demand = self._group_counts[0]
         group_tokens = demand.sum() // self.top_k
         return group_aux_loss(routing.probs, demand.sum(0), group_tokens, self.top_k, self.aux_loss_coef,
@@ -79,17 +88,19 @@ class ExpertParallelMoE(MoE):
 
 
 def make_moe_expert_parallel(moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
-                             aux_loss_scale: float | None = None) -> ExpertParallelMoE:
-    """The expert-parallel replacement of `moe` for this rank (call on every rank, same full weights)."""
-    return ExpertParallelMoE(moe, ep_group, etp_group, router_mode, overlap_groups, aux_loss_scale)
+                             ranks_per_micro_batch: int = 1) -> ExpertParallelMoE:
+    """The expert-parallel replacement of `moe` for this rank (call on every rank, same full weights).
+
+    ranks_per_micro_batch: ranks that hold parts of one micro-batch (tp * cp); sets the aux loss's gradient scale."""
+    return ExpertParallelMoE(moe, ep_group, etp_group, router_mode, overlap_groups, ranks_per_micro_batch)
 
 
 def parallelize_moe_layers(model: nn.Module, ep_group, etp_group, router_mode: str = "global",
-                           overlap_groups: int = 1, aux_loss_scale: float | None = None) -> nn.Module:
+                           overlap_groups: int = 1, ranks_per_micro_batch: int = 1) -> nn.Module:
     """Replace every MoE submodule of `model` in place (e.g. `layer.mlp` of each decoder layer)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is MoE:
                 setattr(parent, name, make_moe_expert_parallel(child, ep_group, etp_group, router_mode,
-                                                               overlap_groups, aux_loss_scale))
+                                                               overlap_groups, ranks_per_micro_batch))
     return model

@@ -49,7 +49,9 @@ def _split_moe_tokens(moe, tp_group) -> None:
 def _apply_expert_parallel(model, topo: Topology, router_mode: str, overlap_groups: int) -> None:
     from .moe_parallel import parallelize_moe_layers
 
-    parallelize_moe_layers(model, topo.ep_group, topo.etp_group, router_mode, overlap_groups)
+    # TP x CP peers share a micro-batch: the aux loss's gradient scale depends on it (see ExpertParallelMoE)
+    parallelize_moe_layers(model, topo.ep_group, topo.etp_group, router_mode, overlap_groups,
+                           ranks_per_micro_batch=topo.tp * topo.cp)
     for module in model.modules():
         if isinstance(module, MoE):
             if topo.tp > 1:

@@ -167,13 +167,15 @@ def _bad_inputs(tmp_path: Path):
         "unknown model key": (["+model.bogus=1"], "bogus"),
         "schedule too long": (["trainer.steps=3", "schedule.lr.warmup_steps=5"], "schedule.lr.warmup_steps"),
         "resume not a checkpoint": ([f"trainer.resume={not_ckpt}"], "trainer.resume"),
-        "parallel layout not wired": (["parallel=tp2"], "parallel=tp2"),
+        "layout needs more ranks": (["parallel=tp2"], "not divisible by tp*cp*pp=2"),
+        "bad router mode": (["parallel=dp", "parallel.router_mode=best"], "parallel.router_mode"),
     }
 
 
 BAD_CASES = ["unknown key", "unknown group option", "bad value", "missing data path", "empty data path",
              "unreadable tokenizer", "batch not divisible", "vocab too small", "invalid model config",
-             "unknown model key", "schedule too long", "resume not a checkpoint", "parallel layout not wired"]
+             "unknown model key", "schedule too long", "resume not a checkpoint", "layout needs more ranks",
+             "bad router mode"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -2,9 +2,11 @@
 
 A checkpoint is written into `.tmp-step_000123/`, every file fsync'ed, the marker added, and the folder
 renamed into place, so a crash mid-save never leaves a `step_*` folder that loads. Readers accept only
-`step_*` folders holding the marker. `save_state` / `load_state` are the only places that know the file
-format (torch.save of the full state from rank 0); a later issue can swap them for torch DCP to get
-sharded, layout-independent checkpoints without touching the loop.
+`step_*` folders holding the marker. Two formats share this folder scheme:
+- parallel=single: `state.pt`, torch.save of the full state from rank 0 (`save_state` / `load_state`);
+- every other layout: torch DCP written by all ranks (`parallel.checkpoint.save_state`), layout-independent.
+`begin_save` / `finish_save` are the two halves around the state write; `trainer.layout_checkpoint` loads
+either format into either kind of layout.
 """
 
 from __future__ import annotations
@@ -77,17 +79,33 @@ def load_state(ckpt_dir: Path, map_location="cpu") -> dict:
     return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=map_location, weights_only=False)
 
 
-def save_checkpoint(root: Path, step: int, state: dict, config_yaml: str, meta: dict, keep_last: int) -> Path:
-    """Atomically write checkpoint `step` under `root`, then prune to the newest `keep_last` (0 keeps all)."""
+def is_torch_save_format(ckpt_dir: Path) -> bool:
+    """True for parallel=single's `state.pt` checkpoints, False for DCP ones."""
+    return (Path(ckpt_dir) / STATE_FILE).is_file()
+
+
+def begin_save(root: Path, step: int) -> Path:
+    """Create the empty temp folder of checkpoint `step` (removing leftovers of a crash mid-save); returns it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left over by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f".tmp-{step_dir_name(step)}"
     tmp.mkdir()
+    return tmp
 
+
+def save_checkpoint(root: Path, step: int, state: dict, config_yaml: str, meta: dict, keep_last: int) -> Path:
+    """Atomically write checkpoint `step` under `root`, then prune to the newest `keep_last` (0 keeps all)."""
+    tmp = begin_save(root, step)
     save_state(tmp, state)
+    return finish_save(root, step, tmp, config_yaml, meta, keep_last)
+
+
+def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, keep_last: int) -> Path:
+    """Add config, meta and the marker to the written temp folder, rename it into place, prune old ones."""
+    root = Path(root)
+    final = root / step_dir_name(step)
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
     for name in ("config.yaml", "meta.json"):

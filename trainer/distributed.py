@@ -1,7 +1,8 @@
-"""Process layout from torchrun's environment, and the seam where parallel/ will wrap the model.
+"""Process environment from torchrun, the process group, and the plain data-parallel helpers.
 
-Until parallel/ provides `parallelize(model, topo)`, world > 1 runs plain data parallelism: every rank
-holds the whole model, takes its share of the global batch, and gradients are summed with all_reduce.
+`parallel=single` runs plain data parallelism when world > 1: every rank holds the whole model, takes its share
+of the global batch, and gradients are summed with all_reduce (`wrap_model`, `sum_gradients`). Every other
+layout goes through parallel/ (`trainer.layout.ParallelLayout`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,6 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def dp(self) -> int:
-        """Data-parallel size; the whole world while the model is replicated on every rank."""
-        return self.world_size
-
 
 def env_from_torchrun() -> DistEnv:
     def read(name: str, default: int) -> int:
@@ -54,19 +50,27 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+_owns_process_group = False  # set when init_process_group created the group (a caller may have made its own)
+
+
 def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """gloo on CPU, nccl on CUDA; a no-op for a single process."""
+    """gloo on CPU, nccl on CUDA; a no-op for a single process or when the caller already made the group."""
+    global _owns_process_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        _owns_process_group = True
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Destroy the process group if this module created it (tests run the trainer inside their own group)."""
+    global _owns_process_group
+    if _owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
+    _owns_process_group = False
 
 
 def barrier(env: DistEnv) -> None:
@@ -89,21 +93,9 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
-def check_parallel_layout(parallel_cfg) -> None:
-    """Only `single` is driven by this trainer so far; parallel/ layouts need its optimizer and grad sync too."""
-    if parallel_cfg.name != "single":
-        raise ConfigError(f"parallel={parallel_cfg.name}: the trainer drives only parallel=single so far "
-                          f"(plain data parallel under torchrun); parallel/ layouts are not wired in yet")
-
-
-def wrap_model(model: torch.nn.Module, parallel_cfg, env: DistEnv) -> torch.nn.Module:
-    """The place where parallel/ makes the model this rank's part of a layout.
-
-    For other layouts this becomes `topo = Topology.from_config(cfg.parallel, model_cfg, seq_len)` and
-    `parallelize(model, topo)`, together with parallel's optimizer/grad sync and a data slice per DP rank.
-    """
-    check_parallel_layout(parallel_cfg)
-    if env.distributed:  # identical start on every replica even if initialisation were not deterministic
+def wrap_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """parallel=single: the whole model on every rank, starting identical even if initialisation were not."""
+    if env.distributed:
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, src=0)
     return model
@@ -112,8 +104,8 @@ def wrap_model(model: torch.nn.Module, parallel_cfg, env: DistEnv) -> torch.nn.M
 def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
     """Sum gradients over data-parallel replicas (the loss is already normalised by the global token count).
 
-    One flattened all_reduce per dtype keeps the call count small; parallel/ replaces this with bucketed,
-    overlapped reduction.
+    One flattened all_reduce per dtype keeps the call count small (parallel layouts use parallel's bucketed,
+    overlapped GradSync instead).
     """
     if not env.distributed:
         return

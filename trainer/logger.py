@@ -113,8 +113,10 @@ class RunLogger:
             self.bar.update(1)
         step = metrics["step"]
         if step % self.log_every == 0 or step == int(self.cfg.trainer.steps):
+            load = (f" | load {metrics['moe/load_share_min']:.3f}-{metrics['moe/load_share_max']:.3f}"
+                    if "moe/load_share_max" in metrics else "")  # expert shares of routed tokens (1/E: balanced)
             say(f"step {step:>6} | loss {metrics['loss']:.4f} | aux {metrics['aux_loss']:.4f} "
-                f"| drop {metrics['drop_rate']:.3f} | gnorm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.3e} "
+                f"| drop {metrics['drop_rate']:.3f}{load} | gnorm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.3e} "
                 f"| batch {metrics['global_batch_tokens']} tok | {metrics['tokens_per_s']:.0f} tok/s "
                 f"| {metrics['tflops_per_device']:.2f} TFLOP/s | mfu {metrics['mfu']:.2%} "
                 f"| mem {metrics['memory_gib']:.2f} GiB")

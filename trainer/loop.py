@@ -11,12 +11,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .distributed import DistEnv, all_reduce_sum, barrier, sum_gradients
+from .distributed import DistEnv
 from .logger import say
 from .metrics import peak_memory_gib, throughput
 from .optim import set_lr
 from .schedules import BatchSchedule, LRSchedule
+
+
+def expert_load_shares(tokens_per_expert: torch.Tensor) -> dict:
+    """Per-expert load of the step: each expert's share of its layer's routed assignments (1/E is balanced).
+
+    `tokens_per_expert` [L, E] is summed over micro-batches and ranks; every rank counts its own tokens or its
+    router group's (then each group is counted by all its ranks alike), so the shares are exact for every layout.
+    """
+    shares = tokens_per_expert / tokens_per_expert.sum(-1, keepdim=True).clamp(min=1)
+    return {"moe/load_share_min": shares.min().item(), "moe/load_share_max": shares.max().item(),
+            "moe/load_share_mean": shares.mean().item()}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -45,16 +55,17 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, *, cfg, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None,
-                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream, collate,
-                 lr_schedule: LRSchedule, batch_schedule: BatchSchedule, logger, flops_per_token: float,
-                 peak_tflops: float, ckpt_root: Path, config_yaml: str):
+    """The loop over optimizer steps; `layout` (trainer.layout) owns the model, optimizer and communication."""
+
+    def __init__(self, *, cfg, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None, layout,
+                 stream, collate, lr_schedule: LRSchedule, batch_schedule: BatchSchedule, logger,
+                 flops_per_token: float, peak_tflops: float, ckpt_root: Path, config_yaml: str):
         self.cfg, self.env, self.device, self.autocast_dtype = cfg, env, device, autocast_dtype
-        self.model, self.optimizer, self.stream, self.collate = model, optimizer, stream, collate
+        self.layout, self.model, self.optimizer = layout, layout.model, layout.optimizer
+        self.stream, self.collate = stream, collate
         self.lr_schedule, self.batch_schedule, self.logger = lr_schedule, batch_schedule, logger
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.ckpt_root, self.config_yaml = Path(ckpt_root), config_yaml
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.seq_len = int(cfg.stage.seq_len)
         self.micro_batch_size = int(cfg.trainer.micro_batch_size)
         self.grad_clip = float(cfg.optim.grad_clip or 0.0)
@@ -62,10 +73,9 @@ class Trainer:
         self.saved_step: int | None = None  # step of the newest checkpoint on disk (set by resume and save)
 
     # ---- checkpoint state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def training_state(self) -> dict:
+        """Everything of a checkpoint except the model and optimizer (those are the layout's)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
                           "lr": self.optimizer.param_groups[0]["lr"]},
             "data": self.stream.state_dict(),
@@ -73,39 +83,39 @@ class Trainer:
             "trainer": {"step": self.state.step, "tokens_seen": self.state.tokens_seen},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load(self, path: Path) -> None:
+        """Resume from checkpoint folder `path`, written under this or any other layout."""
+        state = self.layout.load_checkpoint(path)
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.state = TrainState(**state["trainer"])
         self.saved_step = self.state.step
 
     def save(self) -> None:
-        """Rank 0 writes (every rank holds the same replica and the same data position); others wait."""
-        if self.env.is_main:
-            meta = {"tokens_seen": self.state.tokens_seen, "world_size": self.env.world_size}
-            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.state_dict(), self.config_yaml, meta,
-                                        int(self.cfg.trainer.checkpoint.keep_last))
-            say(f"checkpoint: {path}")
-        barrier(self.env)
+        meta = {"tokens_seen": self.state.tokens_seen, "world_size": self.env.world_size,
+                "layout": self.layout.spec.description}
+        self.layout.save_checkpoint(self.ckpt_root, self.state.step, self.training_state(), self.config_yaml, meta,
+                                    int(self.cfg.trainer.checkpoint.keep_last))
         self.saved_step = self.state.step
 
     # ---- one optimizer step -----------------------------------------------------------------------------
     def _next_micro_batches(self, micro_per_rank: int) -> list[dict]:
-        """This rank's micro-batches of the step. Every rank reads the same global stream and keeps its slice,
-        so the global batch (and the checkpointed data position) does not depend on the world size."""
+        """This replica's micro-batches of the step. Every rank reads the same global stream and keeps its DP
+        slice (all TP/CP ranks of a replica the same one), so the global batch (and the checkpointed data
+        position) does not depend on the layout."""
         per_rank = micro_per_rank * self.micro_batch_size
-        windows = [self.stream.next_window() for _ in range(per_rank * self.env.dp)]
-        mine = windows[self.env.rank * per_rank:(self.env.rank + 1) * per_rank]
+        windows = [self.stream.next_window() for _ in range(per_rank * self.layout.dp)]
+        start = self.layout.dp_rank * per_rank
+        mine = windows[start:start + per_rank]
         return [self.collate(mine[i:i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         step = self.state.step + 1
+        dp, world = self.layout.dp, self.env.world_size
         global_batch = self.batch_schedule.global_batch_tokens(self.state.tokens_seen)
         micro_per_rank = self.batch_schedule.micro_batches_per_rank(
-            self.state.tokens_seen, self.micro_batch_size, self.seq_len, self.env.dp)
+            self.state.tokens_seen, self.micro_batch_size, self.seq_len, dp)
         micro_batches = self._next_micro_batches(micro_per_rank)
         lr = self.lr_schedule(step, self.state.tokens_seen)
         set_lr(self.optimizer, lr)
@@ -113,34 +123,44 @@ class Trainer:
         # Normalise by the label tokens of the whole global batch, so that accumulation and data parallelism
         # give the same gradient as one big batch (documents end at EOS, so counts differ per micro-batch).
         local_labels = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        label_tokens = int(all_reduce_sum(torch.tensor([local_labels], dtype=torch.float64), self.env).item())
+        label_tokens = int(self.layout.sum_over_dp(torch.tensor([local_labels], dtype=torch.float64)).item())
         denom = max(label_tokens, 1)
-        aux_weight = 1.0 / (micro_per_rank * self.env.dp)  # mean aux loss over all micro-batches
+        # The aux loss is the mean over router groups and micro-batches (convention: parallel/moe_parallel.py);
+        # the layers scale their gradients so that this weight is right for every layout.
+        aux_weight = 1.0 / (micro_per_rank * dp)
 
-        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss_sum, aux, dropped, routed
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        moe = None  # aux, dropped, routed, tokens per layer and expert (flattened)
         self.model.train()
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            mb = self.layout.local_inputs(mb)
             input_ids = mb["input_ids"].to(self.device, non_blocking=True)
             labels = mb["labels"].to(self.device, non_blocking=True)
             cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                out = self.model(input_ids, cu_seqlens, labels)
-            loss = out.loss_sum / denom + out.aux_loss * aux_weight
-            loss.backward()
-            stats += torch.stack([out.loss_sum.detach().double(), torch.as_tensor(out.aux_loss).detach().double(),
-                                  torch.as_tensor(out.moe_dropped, device=self.device).double(),
-                                  torch.as_tensor(out.moe_routed, device=self.device).double()])
-        stats = all_reduce_sum(stats, self.env).tolist()
-        loss_value = stats[0] / denom
-        aux_value = stats[1] * aux_weight
+            positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
+            with self.layout.accumulate(last=i == len(micro_batches) - 1):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    out = self.model(input_ids, cu_seqlens, labels, positions=positions)
+                loss = out.loss_sum / denom + out.aux_loss * aux_weight
+                loss.backward()
+            loss_sum += out.loss_sum.detach().double()
+            stats = torch.cat([torch.stack([torch.as_tensor(out.aux_loss).detach().double(),
+                                            torch.as_tensor(out.moe_dropped, device=self.device).double(),
+                                            torch.as_tensor(out.moe_routed, device=self.device).double()]),
+                               out.tokens_per_expert.detach().double().flatten()])
+            moe = stats if moe is None else moe + stats
+        loss_sum, moe = self.layout.reduce_step_stats(loss_sum, moe)
+        loss_value = loss_sum.item() / denom
+        (aux_sum, dropped, routed), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
+        # every rank holds its router group's aux value: the mean over all ranks is the step's aux loss
+        aux_value = aux_sum / (micro_per_rank * world)
         if not math.isfinite(loss_value) or not math.isfinite(aux_value):
             raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")
 
-        sum_gradients(self.params, self.env)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
+        grad_norm = self.layout.sync_and_clip(max_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"non-finite gradient norm at step {step} (loss={loss_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")
@@ -156,14 +176,15 @@ class Trainer:
             "tokens": self.state.tokens_seen,
             "loss": loss_value,
             "aux_loss": aux_value,
-            "drop_rate": stats[2] / stats[3] if stats[3] else 0.0,
+            "drop_rate": dropped / routed if routed else 0.0,
+            **expert_load_shares(tokens_per_expert),
             "grad_norm": grad_norm,
             "lr": lr,
             "global_batch_tokens": global_batch,
-            "micro_batches": micro_per_rank * self.env.dp,
+            "micro_batches": micro_per_rank * dp,
             "label_tokens": label_tokens,
             "step_time_s": seconds,
-            **throughput(global_batch, seconds, self.flops_per_token, self.env.world_size, self.peak_tflops),
+            **throughput(global_batch, seconds, self.flops_per_token, world, self.peak_tflops),
             "memory_gib": peak_memory_gib(self.device),
         }
 

@@ -16,15 +16,8 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from .config import ConfigError, compose_config, validate_trainer_config
-from .distributed import (
-    DistEnv,
-    check_parallel_layout,
-    env_from_torchrun,
-    init_process_group,
-    pick_device,
-    shutdown,
-    wrap_model,
-)
+from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
+from .layout import LayoutSpec, build_layout, check_layout
 from .schedules import BatchSchedule, LRSchedule
 
 EXIT_BAD_INPUT = 2
@@ -36,6 +29,7 @@ class Plan:
     """Everything decided and checked before the first side effect."""
 
     model_cfg: object
+    layout: LayoutSpec
     tokenizer: object
     stream: object
     collate: object
@@ -68,13 +62,13 @@ def _data_error(exc: Exception) -> ConfigError:
 def plan_run(cfg, env: DistEnv) -> Plan:
     """Check every input and build the objects that only read (config, tokenizer, data stream)."""
     validate_trainer_config(cfg)
-    check_parallel_layout(cfg.parallel)
     model_cfg = build_model_config(cfg)
     seq_len, mbs = int(cfg.stage.seq_len), int(cfg.trainer.micro_batch_size)
+    layout = check_layout(cfg.parallel, cfg.optim, env.world_size, model_cfg, seq_len)
 
     lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
     batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
-    batch_schedule.check_divisible(mbs, seq_len, env.dp)
+    batch_schedule.check_divisible(mbs, seq_len, layout.dp)
 
     device = pick_device(cfg.trainer.device, env)
     dtype = cfg.trainer.dtype
@@ -91,6 +85,8 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+    if cfg.stage.get("mixture") is not None:  # a long-context stage draws its windows from its own mixture
+        cfg.data.mixture = cfg.stage.mixture
     try:
         # every rank reads the same stream (seeded by data.seed) and keeps its slice of each global batch
         stream = build_stream(cfg.data, tokenizer, seq_len)
@@ -102,17 +98,18 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     if cfg.trainer.resume == "none" and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
         raise ConfigError(f"trainer.run_dir={run_dir} already holds checkpoints; pass trainer.resume=auto to "
                           f"continue that run, or choose another trainer.name / trainer.run_dir")
-    return Plan(model_cfg, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
+    return Plan(model_cfg, layout, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
                 autocast_dtype, run_dir, resume_from)
 
 
 def run(cfg, env: DistEnv) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors are BaseExceptions
+
     from model import MiniMaxForCausalLM
 
     from .logger import RunLogger, say
     from .loop import Trainer
     from .metrics import peak_tflops
-    from .optim import build_optimizer
 
     plan = plan_run(cfg, env)
     init_process_group(env, plan.device)
@@ -122,28 +119,33 @@ def run(cfg, env: DistEnv) -> None:
         (plan.run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(int(cfg.trainer.seed))
-    model = MiniMaxForCausalLM(plan.model_cfg).to(plan.device)
+
+    def whole_model():
+        return MiniMaxForCausalLM(plan.model_cfg).to(plan.device)
+
+    model = whole_model()
     counts = model.parameter_counts()
     flops_per_token = float(model.flops_per_token(int(cfg.stage.seq_len)))
-    model = wrap_model(model, cfg.parallel, env)
-    optimizer, optimizer_impl = build_optimizer(model, cfg.optim)
+    layout = build_layout(plan.layout, cfg, env, model, whole_model)
 
     trainer = Trainer(
-        cfg=cfg, env=env, device=plan.device, autocast_dtype=plan.autocast_dtype, model=model,
-        optimizer=optimizer, stream=plan.stream, collate=plan.collate, lr_schedule=plan.lr_schedule,
+        cfg=cfg, env=env, device=plan.device, autocast_dtype=plan.autocast_dtype, layout=layout,
+        stream=plan.stream, collate=plan.collate, lr_schedule=plan.lr_schedule,
         batch_schedule=plan.batch_schedule, logger=None, flops_per_token=flops_per_token,
         peak_tflops=peak_tflops(plan.device, cfg.logging), ckpt_root=plan.run_dir / "checkpoints",
         config_yaml=config_yaml)
     if plan.resume_from is not None:
         try:
-            trainer.load_state_dict(ckpt.load_state(plan.resume_from))
-        except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a checkpoint of another model shape
+            trainer.load(plan.resume_from)
+        except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:  # e.g. another model shape
+            failure = next(iter(getattr(exc, "failures", {}).values()), None)  # DCP: {rank: (error, traceback)}
+            exc = failure[0] if isinstance(failure, tuple) else failure or exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"trainer.resume: cannot load {plan.resume_from} into this config: {first}") from None
 
     if env.is_main:
-        say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | "
-            f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} | optimizer {optimizer_impl} | params "
+        say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | layout {plan.layout.description} | "
+            f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} | optimizer {layout.optimizer_impl} | params "
             f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active (non-embedding) | "
             + (f"resumed from {plan.resume_from} (step {trainer.state.step})" if plan.resume_from else "fresh start"))
     trainer.logger = RunLogger(cfg, plan.run_dir, env.is_main, trainer.state.step)
