@@ -131,3 +131,18 @@ def test_bad_model_config_names_the_setting(bad, msg):
 def test_unknown_key_is_rejected():
     with pytest.raises(ValueError, match="unknown key"):
         ModelConfig.from_dict({"hidden": 3})
+
+
+def test_recompute_gives_the_same_gradients():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (24,))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        model = MiniMaxForCausalLM(small_cfg(capacity_factor=1.0), recompute=recompute).double()
+        out = model(ids, cu, labels=ids.roll(-1))
+        (out.loss + out.aux_loss).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -121,7 +121,7 @@ def run(cfg, env: DistEnv) -> None:
     torch.manual_seed(int(cfg.trainer.seed))
 
     def whole_model():
-        return MiniMaxForCausalLM(plan.model_cfg).to(plan.device)
+        return MiniMaxForCausalLM(plan.model_cfg, recompute=bool(cfg.trainer.recompute)).to(plan.device)
 
     model = whole_model()
     counts = model.parameter_counts()
