@@ -24,15 +24,18 @@ common=(model="$MODEL" stage=main_8k stage.seq_len="$SEQ" trainer.micro_batch_si
         trainer.checkpoint.keep_last=1)
 run() {  # run NAME NPROC overrides...
   local name=$1 nproc=$2; shift 2
+  local rc=0
   "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m trainer.train \
-    "${common[@]}" trainer.run_dir="$RESULTS/$name" "$@" 2>&1 | tee "$RESULTS/$name.log" | grep -E "^step|error|Error" || true
+    "${common[@]}" trainer.run_dir="$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1 || rc=$?
+  grep -E "^step|^error" "$RESULTS/$name.log" || true
+  if [ "$rc" != 0 ]; then echo "$name failed (exit $rc), see $RESULTS/$name.log"; exit "$rc"; fi
 }
 
 run gpu1 1 trainer.steps="$REF_STEPS"
 run gpu2_dp 2 parallel=dp trainer.steps="$REF_STEPS"
 run gpu8_all 8 parallel=tp2 parallel.cp=2 parallel.ep=4 parallel.etp=2 trainer.steps="$STEPS"
 run gpu8_cp8_1m 8 parallel=cp2 parallel.cp=8 stage.seq_len="$LONG_SEQ" stage.rope_base=10000000.0 \
-  trainer.recompute=true "schedule.batch=[{tokens:0,global_batch_tokens:$LONG_SEQ}]" trainer.steps=3
+  trainer.recompute=true "schedule.batch=[{tokens:0,global_batch_tokens:$LONG_SEQ}]" schedule.lr.warmup_steps=1 trainer.steps=3
 
 "$PYTHON" bench/summarize_runs.py gpu1="$RESULTS/gpu1" gpu2_dp="$RESULTS/gpu2_dp:2" \
   gpu8_all="$RESULTS/gpu8_all:8" gpu8_cp8_1m="$RESULTS/gpu8_cp8_1m:8" --skip 3 --json "$RESULTS/summary.json"
