@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+
 from kernels.lightning_reference import lightning_attention_chunked
 
 __all__ = ["BACKEND_ENV_VAR", "lightning_attention"]
@@ -37,6 +39,12 @@ def _load_triton_kernel(required: bool):
     return lightning_attention_triton
 
 
+def _triton_supports(q, v) -> bool:
+    """Shapes and dtypes the Triton kernel handles; anything else takes the reference instead of failing."""
+    return (q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
 def lightning_attention(
     q, k, v, slope, cu_seqlens=None, initial_state=None, output_final_state=False, block_size=64
 ):
@@ -49,7 +57,7 @@ def lightning_attention(
     forced = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
     if forced and forced not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV_VAR} must be one of {_BACKENDS}, got {forced!r}")
-    use_triton = forced == "triton" or (not forced and q.is_cuda)
+    use_triton = forced == "triton" or (not forced and q.is_cuda and _triton_supports(q, v))
     if use_triton:
         kernel = _load_triton_kernel(required=forced == "triton")
         if kernel is not None:

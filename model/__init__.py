@@ -3,4 +3,4 @@
 from .config import ModelConfig
 from .transformer import MiniMaxForCausalLM, ModelOutput
 
-__all__ = ["ModelConfig", "MiniMaxForCausalLM", "ModelOutput"]
+__all__ = ["MiniMaxForCausalLM", "ModelConfig", "ModelOutput"]

@@ -26,11 +26,14 @@ class LightningAttention(nn.Module):
         self.output_gate = nn.Linear(cfg.hidden_size, cfg.q_dim, bias=False)
         self.out_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=False)
         self.norm = RMSNorm(cfg.q_dim, eps=cfg.lightning_norm_eps)
-        # Slopes are a function of the config, not state: kept fp64 on the host, cast per call.
+        # Slopes are a function of the config, not state (kept out of checkpoints); one fp32 copy per device.
         self._slopes = cfg.lightning_slopes(layer_idx)
+        self._slopes_on: dict = {}
 
     def slopes(self, device) -> torch.Tensor:
-        return self._slopes.to(device=device, dtype=torch.float32)
+        if device not in self._slopes_on:
+            self._slopes_on[device] = self._slopes.to(device=device, dtype=torch.float32)
+        return self._slopes_on[device]
 
     def mix(self, q, k, v, cu_seqlens, positions):
         """The sequence-mixing core on [T, H, d]; parallel/ swaps this for LASP+ under context parallelism."""

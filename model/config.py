@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 
@@ -70,7 +69,7 @@ class ModelConfig:
              f"model.capacity_factor={self.capacity_factor} must be positive or null")
 
     @classmethod
-    def from_dict(cls, d) -> "ModelConfig":
+    def from_dict(cls, d) -> ModelConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -96,8 +95,3 @@ class ModelConfig:
         base = 2.0 ** (-8.0 * h / self.num_heads)
         factor = 1 - layer / (self.num_layers - 1 + 1e-5) + 1e-5
         return base * factor
-
-    def capacity(self, num_tokens: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)

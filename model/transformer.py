@@ -75,7 +75,7 @@ class MiniMaxForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if p.ndim == 1:  # norm weights
                 p.fill_(1.0)
-            elif name.endswith("experts.w_gate") or name.endswith("experts.w_up") or name.endswith("w_down"):
+            elif name.endswith(("experts.w_gate", "experts.w_up", "w_down")):
                 for e in range(p.shape[0]):
                     xavier(p[e], beta, p.shape[1], p.shape[2])
             elif name.endswith("qkv_proj.weight"):  # per head [q | k | v]: only the value slice gets beta

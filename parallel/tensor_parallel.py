@@ -161,6 +161,7 @@ class TensorParallelLightningAttention(LightningAttention):
         TensorParallelRMSNorm.convert(attn.norm, group)
         attn.num_heads //= n
         attn._slopes = attn._slopes.chunk(n)[r].clone()
+        attn._slopes_on = {}  # drop per-device copies of the full set
         return attn
 
     def forward(self, x, cu_seqlens, positions):

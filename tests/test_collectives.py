@@ -2,9 +2,16 @@
 
 import torch
 import torch.distributed as dist
-
 from dist_harness import run_distributed
-from parallel.collectives import all_gather, all_gather_sizes, all_reduce, all_to_all, copy_to_group, reduce_scatter
+
+from parallel.collectives import (
+    all_gather,
+    all_gather_sizes,
+    all_reduce,
+    all_to_all,
+    copy_to_group,
+    reduce_scatter,
+)
 
 
 def _check(rank, world):

@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_cfg(**kw):
-    base = dict(vocab_size=97, hidden_size=48, num_layers=4, num_heads=4, head_dim=16, num_kv_heads=2,
-                softmax_period=2, rotary_dim=16, num_experts=4, top_k=2, ffn_hidden_size=40,
-                capacity_factor=None, lightning_block_size=8, rope_base=500.0)
+    base = {"vocab_size": 97, "hidden_size": 48, "num_layers": 4, "num_heads": 4, "head_dim": 16, "num_kv_heads": 2,
+                "softmax_period": 2, "rotary_dim": 16, "num_experts": 4, "top_k": 2, "ffn_hidden_size": 40,
+                "capacity_factor": None, "lightning_block_size": 8, "rope_base": 500.0}
     base.update(kw)
     return ModelConfig(**base)
 

@@ -11,9 +11,9 @@ from model.moe import MoE, capacity_keep_mask, expert_capacity, route_top_k, swi
 
 
 def small_cfg(**kw):
-    base = dict(vocab_size=61, hidden_size=32, num_layers=4, num_heads=2, head_dim=16, num_kv_heads=1,
-                softmax_period=2, num_experts=4, top_k=2, ffn_hidden_size=24, capacity_factor=None,
-                lightning_block_size=8)
+    base = {"vocab_size": 61, "hidden_size": 32, "num_layers": 4, "num_heads": 2, "head_dim": 16, "num_kv_heads": 1,
+                "softmax_period": 2, "num_experts": 4, "top_k": 2, "ffn_hidden_size": 24, "capacity_factor": None,
+                "lightning_block_size": 8}
     base.update(kw)
     return ModelConfig(**base)
 
@@ -110,7 +110,8 @@ def test_aux_loss_reaches_router():
 
 
 def test_full_preset_parameter_counts():
-    cfg = ModelConfig.from_dict(yaml.safe_load(open("conf/model/minimax_text_01.yaml")))
+    with open("conf/model/minimax_text_01.yaml") as f:
+        cfg = ModelConfig.from_dict(yaml.safe_load(f))
     with torch.device("meta"):
         counts = MiniMaxForCausalLM(cfg).parameter_counts()
     assert abs(counts["total"] / 456e9 - 1) < 0.005
@@ -118,10 +119,10 @@ def test_full_preset_parameter_counts():
 
 
 @pytest.mark.parametrize("bad,msg", [
-    (dict(num_heads=3, num_kv_heads=2), "num_kv_heads"),
-    (dict(top_k=9), "top_k"),
-    (dict(layer_types=["lightning"] * 3), "layer_types"),
-    (dict(rotary_dim=7), "rotary_dim"),
+    ({"num_heads": 3, "num_kv_heads": 2}, "num_kv_heads"),
+    ({"top_k": 9}, "top_k"),
+    ({"layer_types": ["lightning"] * 3}, "layer_types"),
+    ({"rotary_dim": 7}, "rotary_dim"),
 ])
 def test_bad_model_config_names_the_setting(bad, msg):
     with pytest.raises(ValueError, match=msg):

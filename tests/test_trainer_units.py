@@ -200,3 +200,14 @@ def test_no_weight_decay_on_1d_params():
 def test_throughput_and_mfu():
     m = throughput(tokens=1000, seconds=2.0, flops_per_token=6e9, world_size=2, peak=1.5)
     assert m["tokens_per_s"] == 500 and m["tflops_per_device"] == pytest.approx(1.5) and m["mfu"] == pytest.approx(1)
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    from trainer import checkpoint as ckpt
+
+    for step in (100, 200, 300):
+        ckpt.save_checkpoint(tmp_path, step, {"w": step}, "cfg: 1\n", {}, keep_last=0)
+    # a run resumed from step 100 saves step 150 with keep_last=2: 150 and 100 stay, 200/300 are not touched
+    ckpt.save_checkpoint(tmp_path, 150, {"w": 150}, "cfg: 1\n", {}, keep_last=2)
+    names = [p.name for p in ckpt.complete_checkpoints(tmp_path)]
+    assert "step_000150" in names and "step_000100" in names

@@ -60,7 +60,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -125,7 +129,10 @@ def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, 
     _fsync_dir(root)
 
     if keep_last > 0:
-        for old_ckpt in complete_checkpoints(root)[:-keep_last]:
+        # Only checkpoints older than this one count: a run resumed from an earlier step must not delete
+        # what it just wrote (newer folders from the abandoned branch are kept for the user to judge).
+        older = [c for c in complete_checkpoints(root) if _step_of(c) < _step_of(final)]
+        for old_ckpt in older[: max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(old_ckpt, ignore_errors=True)
     return final
 

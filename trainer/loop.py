@@ -155,12 +155,12 @@ class Trainer:
         (aux_sum, dropped, routed), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
         # every rank holds its router group's aux value: the mean over all ranks is the step's aux loss
         aux_value = aux_sum / (micro_per_rank * world)
+        # Finish the gradient sync first (overlapped all-reduces may be in flight), then judge; no rank steps.
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = self.layout.sync_and_clip(max_norm)
         if not math.isfinite(loss_value) or not math.isfinite(aux_value):
             raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")
-
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = self.layout.sync_and_clip(max_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"non-finite gradient norm at step {step} (loss={loss_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")
