@@ -23,6 +23,8 @@ import itertools
 
 import torch
 
+from kernels.cu_seqlens import cu_seqlens_list
+
 __all__ = ["check_lightning_inputs", "lightning_attention_chunked", "lightning_attention_naive"]
 
 
@@ -50,7 +52,7 @@ def check_lightning_inputs(q, k, v, slope, cu_seqlens, initial_state) -> list[in
             raise ValueError("cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1")
         if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
             raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-        cu = [int(x) for x in cu_seqlens.tolist()]
+        cu = cu_seqlens_list(cu_seqlens)
         if cu[0] != 0 or cu[-1] != T:
             raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0]} .. {cu[-1]}")
         if any(b < a for a, b in itertools.pairwise(cu)):

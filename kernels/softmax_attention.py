@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from kernels.cu_seqlens import cu_seqlens_list
+
 __all__ = ["softmax_attention_varlen", "softmax_attention_varlen_reference"]
 
 
@@ -33,7 +35,7 @@ def _check_cu(name, cu_seqlens, total) -> list[int]:
         raise ValueError(f"{name} must be a 1-D integer tensor [N+1] with N >= 1")
     if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    cu = cu_seqlens_list(cu_seqlens)
     if cu[0] != 0 or cu[-1] != total:
         raise ValueError(f"{name} must start at 0 and end at {total}, got {cu[0]} .. {cu[-1]}")
     if any(b < a for a, b in itertools.pairwise(cu)):
@@ -113,7 +115,7 @@ def _varlen_attn_api():
     return varlen_attn, AuxRequest, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _softmax_attention_varlen_cuda(q, k, v, cu_q, cu_k, scale, causal):
+def _softmax_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     """varlen_attn adapter: newer torch has window_size/enable_gqa, older ones is_causal only."""
     varlen_attn, AuxRequest, params = _varlen_attn_api()
     H, Hkv = q.shape[1], k.shape[1]
@@ -130,8 +132,6 @@ def _softmax_attention_varlen_cuda(q, k, v, cu_q, cu_k, scale, causal):
         kwargs["is_causal"] = causal
     cu_q = cu_q.to(device=q.device, dtype=torch.int32)
     cu_k = cu_k.to(device=q.device, dtype=torch.int32)
-    max_q = int((cu_q[1:] - cu_q[:-1]).max())
-    max_k = int((cu_k[1:] - cu_k[:-1]).max())
     o, lse = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     if lse.shape != (H, q.shape[0]) and lse.shape == (q.shape[0], H):  # documented as [T, H] in some versions
         lse = lse.transpose(0, 1)
@@ -149,6 +149,8 @@ def softmax_attention_varlen(q, k, v, cu_seqlens, scale=None, causal=True, cu_se
     )
     if not use_gpu_kernel:
         return softmax_attention_varlen_reference(q, k, v, cu_seqlens, cu_seqlens_k, scale, causal)
-    _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k)
+    cu_q, cu_k = _check_inputs(q, k, v, cu_seqlens, cu_seqlens_k)
+    max_q = max(b - a for a, b in itertools.pairwise(cu_q))  # from the host list: no device sync
+    max_k = max(b - a for a, b in itertools.pairwise(cu_k))
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    return _softmax_attention_varlen_cuda(q, k, v, cu_seqlens, cu_seqlens_k, scale, causal)
+    return _softmax_attention_varlen_cuda(q, k, v, cu_seqlens, cu_seqlens_k, max_q, max_k, scale, causal)
