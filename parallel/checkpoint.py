@@ -8,14 +8,12 @@ single process without torch.distributed. Keys are the model's parameter names, 
 
 Layout of a checkpoint folder: DCP's `.metadata` + `__<rank>_<n>.distcp`, `extra.pt` (the caller's picklable
 dict, from rank 0), `layout.json` (informative), and the `complete` marker, written last.
-`save_checkpoint` writes into `.tmp-<name>` next to the target and renames it into place.
+`save_checkpoint` writes into `.tmp-<name>` next to the target and renames it into place (`parallel.atomic_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-MARKER = "complete"
+from .atomic_folder import MARKER, begin_folder, finish_folder, fsync_file, temp_folder
+
 EXTRA_FILE = "extra.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _MESHES: dict = {}
@@ -100,11 +99,6 @@ def _state(model, optimizer, topo, fresh: bool) -> tuple[dict, dict]:
     return sd, local
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
     """Write the state into `directory` (collective; no marker, not atomic: see save_checkpoint)."""
     directory = Path(directory)
@@ -114,7 +108,7 @@ def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
         dcp.save(sd, checkpoint_id=str(directory), no_dist=not _initialized())
     if not _distributed() or dist.get_rank() == 0:
         torch.save(extra or {}, directory / EXTRA_FILE)
-        _fsync(directory / EXTRA_FILE)
+        fsync_file(directory / EXTRA_FILE)
         layout = topo.describe() if topo is not None else "single process"
         (directory / "layout.json").write_text(json.dumps({"saved_by": layout}))
     _barrier()
@@ -141,24 +135,12 @@ def save_checkpoint(path, model, optimizer=None, extra=None, topo=None) -> Path:
     """Atomically write checkpoint folder `path`: all ranks write `.tmp-<name>`, rank 0 adds the marker last and
     renames it into place (replacing an older `path`). Collective."""
     path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}"
     main = not _distributed() or dist.get_rank() == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash mid-save
-        tmp.mkdir(parents=True)
+    tmp = begin_folder(path) if main else temp_folder(path)
     _barrier()
     save_state(tmp, model, optimizer, extra, topo)
     if main:
-        (tmp / MARKER).write_text("")
-        _fsync(tmp / MARKER)
-        if path.exists():
-            old = path.parent / f".old-{path.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        finish_folder(tmp, path)
     _barrier()
     return path
 

@@ -1,23 +1,23 @@
 """`apply_context_parallel`: put a model instance on the zigzag context-parallel layout (DESIGN §3).
 
 Swaps the sequence-mixing cores of every attention layer: `LightningAttention.mix` -> LASP+,
-`SoftmaxAttention.mix` -> varlen ring attention; and makes the MoE aux loss a whole-window quantity
-(expert shares and mean router probabilities summed over CP before the product). Everything else in the
-model is per token and needs no change.
+`SoftmaxAttention.mix` -> varlen ring attention. Everything else in the model is per token except the MoE's
+capacity and aux loss, which must cover the whole window: `parallelize` gives every MoE its parallel version
+over the TP x CP token group (`TensorParallelMoE(token_group=...)` or `ExpertParallelMoE`).
 
 Under CP, each rank calls the model on its local tokens from `parallel.zigzag.shard_batch`:
     out = model(local["input_ids"], local["cu_seqlens"], local["labels"], positions=local["positions"])
 `positions` (global position within the document) must be given explicitly; `cu_seqlens` are the local
 segments. Loss over the whole window: backprop `out.loss_sum / local["num_tokens"] + out.aux_loss` on every
 rank and SUM the gradients of replicated parameters over CP (they sync over DP x CP anyway); the window's
-mean loss is `all_reduce(out.loss_sum) / num_tokens`. `out.aux_loss` is already the whole-window value.
+mean loss is `all_reduce(out.loss_sum) / num_tokens`. With the MoE converted as above, `out.aux_loss` is
+already the whole-window value.
 """
 
 from __future__ import annotations
 
 from model.attention import LightningAttention, SoftmaxAttention
-from model.moe import MoE, switch_aux_loss
-from parallel.collectives import all_reduce, group_size
+from parallel.collectives import group_size
 from parallel.lasp import LASP_MODES, lasp_lightning_attention
 from parallel.ring_attention import ring_attention
 from parallel.zigzag import check_window
@@ -39,18 +39,8 @@ def _ring_mix(attn: SoftmaxAttention, group, chunk_len):
     return mix
 
 
-def _global_aux_loss(moe: MoE, group):
-    """Switch aux loss of the whole window: f_i and P_i from all CP ranks' tokens (sum forward, identity backward)."""
-    def aux_loss(routing, num_tokens):
-        counts = all_reduce(routing.tokens_per_expert.float(), group)
-        prob_sum = all_reduce(routing.probs.sum(0, keepdim=True), group)
-        total = num_tokens * group_size(group)  # every CP rank holds the same number of tokens
-        return switch_aux_loss(prob_sum, counts, total, moe.top_k, moe.aux_loss_coef)
-    return aux_loss
-
-
 def apply_context_parallel(model, cp_group, lasp_mode: str = "allgather", window_len: int | None = None):
-    """Swap the model instance's attention cores (and MoE aux loss) for their context-parallel versions.
+    """Swap the model instance's attention cores for their context-parallel versions (the MoE: see above).
 
     cp_group: the CP process group (None or size 1 still uses the zigzag layout of 2 chunks);
     lasp_mode: 'allgather' (LASP+) or 'ring' (original LASP, for comparison);
@@ -67,6 +57,4 @@ def apply_context_parallel(model, cp_group, lasp_mode: str = "allgather", window
             module.mix = _lasp_mix(module, cp_group, chunk_len, lasp_mode)
         elif isinstance(module, SoftmaxAttention):
             module.mix = _ring_mix(module, cp_group, chunk_len)
-        elif isinstance(module, MoE):
-            module.aux_loss = _global_aux_loss(module, cp_group)
     return model

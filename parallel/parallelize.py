@@ -100,7 +100,6 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
         _apply_expert_parallel(model, topo, router_mode, moe_overlap_groups)
     elif topo.tp > 1 or topo.cp > 1:  # one micro-batch's tokens are split over TP x CP: exact group routing
         for layer in model.layers:
-            layer.mlp.__dict__.pop("aux_loss", None)  # CP's override; ours covers the TP x CP token group
             TensorParallelMoE.convert(layer.mlp, tp, sp, token_group=topo.tp_cp_group)
     model.topology = topo
     return model

@@ -25,7 +25,6 @@ from torch import nn
 from model.attention import LightningAttention, SoftmaxAttention
 from model.moe import MoE, Routing, capacity_keep_mask, expert_capacity
 from model.norm import RMSNorm
-from model.rope import apply_rope, rope_cos_sin
 from model.transformer import MiniMaxForCausalLM, ModelOutput
 
 from .collectives import all_gather, all_reduce, copy_to_group, group_rank, group_size, reduce_scatter
@@ -164,14 +163,9 @@ class TensorParallelLightningAttention(LightningAttention):
         attn._slopes_on = {}  # drop per-device copies of the full set
         return attn
 
-    def forward(self, x, cu_seqlens, positions):
-        x = enter_tp_region(x, self.tp_group, self.sequence_parallel)
-        T = x.shape[0]
-        qkv = F.silu(self.qkv_proj(x)).view(T, -1, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        o = self.mix(q, k, v, cu_seqlens, positions).reshape(T, -1)
-        o = torch.sigmoid(self.output_gate(x)) * self.norm(o)
-        return exit_tp_region(self.out_proj(o), self.tp_group, self.sequence_parallel)
+    def forward(self, x, cu_seqlens, positions):  # the single-process layer on this rank's heads
+        g, sp = self.tp_group, self.sequence_parallel
+        return exit_tp_region(super().forward(enter_tp_region(x, g, sp), cu_seqlens, positions), g, sp)
 
 
 class TensorParallelSoftmaxAttention(SoftmaxAttention):
@@ -186,16 +180,9 @@ class TensorParallelSoftmaxAttention(SoftmaxAttention):
         shard_row_parallel(attn.o_proj, group)
         return attn
 
-    def forward(self, x, cu_seqlens, positions):
-        x = enter_tp_region(x, self.tp_group, self.sequence_parallel)
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, -1, self.head_dim)
-        k = self.k_proj(x).view(T, -1, self.head_dim)
-        v = self.v_proj(x).view(T, -1, self.head_dim)
-        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_base, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.mix(q, k, v, cu_seqlens, positions).reshape(T, -1)
-        return exit_tp_region(self.o_proj(o), self.tp_group, self.sequence_parallel)
+    def forward(self, x, cu_seqlens, positions):  # the single-process layer on this rank's heads
+        g, sp = self.tp_group, self.sequence_parallel
+        return exit_tp_region(super().forward(enter_tp_region(x, g, sp), cu_seqlens, positions), g, sp)
 
 
 # ---- MoE with replicated experts (ep = etp = 1) ------------------------------------------------------------

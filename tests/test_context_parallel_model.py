@@ -1,5 +1,6 @@
 """The whole model under context parallelism (gloo) equals the single-process model on the full window:
-logits, loss, aux loss and every gradient (replicated parameters: summed over CP)."""
+logits, loss, aux loss and every gradient (replicated parameters: summed over CP). The MoE is converted the
+way `parallelize` converts it for cp > 1 (group routing over the CP ranks)."""
 
 import copy
 
@@ -11,6 +12,7 @@ from dist_harness import run_distributed
 from model.config import ModelConfig
 from model.transformer import MiniMaxForCausalLM
 from parallel.context_parallel import apply_context_parallel
+from parallel.tensor_parallel import TensorParallelMoE
 from parallel.zigzag import shard_batch
 
 T = 32
@@ -39,6 +41,8 @@ def _model_vs_full(rank, cp, lasp_mode):
     torch.manual_seed(0)
     reference = MiniMaxForCausalLM(_config())
     cp_model = apply_context_parallel(copy.deepcopy(reference), group, lasp_mode, T)
+    for layer in cp_model.layers:  # as `parallelize` does for cp > 1, tp = 1: whole-window aux loss
+        TensorParallelMoE.convert(layer.mlp, None, False, token_group=group)
     results = {}
     for name, cu in CASES.items():
         cu = torch.tensor(cu)

@@ -1,8 +1,8 @@
 """Atomic checkpoints: `<run_dir>/checkpoints/step_000123/` with a `complete` marker written last.
 
 A checkpoint is written into `.tmp-step_000123/`, every file fsync'ed, the marker added, and the folder
-renamed into place, so a crash mid-save never leaves a `step_*` folder that loads. Readers accept only
-`step_*` folders holding the marker. Two formats share this folder scheme:
+renamed into place (`parallel.atomic_folder`), so a crash mid-save never leaves a `step_*` folder that loads.
+Readers accept only `step_*` folders holding the marker. Two formats share this folder scheme:
 - parallel=single: `state.pt`, torch.save of the full state from rank 0 (`save_state` / `load_state`);
 - every other layout: torch DCP written by all ranks (`parallel.checkpoint.save_state`), layout-independent.
 `begin_save` / `finish_save` are the two halves around the state write; `trainer.layout_checkpoint` loads
@@ -12,7 +12,6 @@ either format into either kind of layout.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from parallel.atomic_folder import MARKER, begin_folder, finish_folder, fsync_file, temp_folder
+
 from .config import ConfigError
 
-MARKER = "complete"
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -31,22 +31,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def temp_dir(root: Path, step: int) -> Path:
+    """The temp folder checkpoint `step` is written into (`begin_save` creates it on rank 0)."""
+    return temp_folder(Path(root) / step_dir_name(step))
 
 
 def is_complete(path: Path) -> bool:
@@ -75,7 +62,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def save_state(tmp_dir: Path, state: dict) -> None:
     """Write the training state into `tmp_dir` (format-specific half of a save)."""
     torch.save(state, tmp_dir / STATE_FILE)
-    _fsync_file(tmp_dir / STATE_FILE)
+    fsync_file(tmp_dir / STATE_FILE)
 
 
 def load_state(ckpt_dir: Path, map_location="cpu") -> dict:
@@ -94,9 +81,7 @@ def begin_save(root: Path, step: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left over by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    tmp.mkdir()
-    return tmp
+    return begin_folder(root / step_dir_name(step))
 
 
 def save_checkpoint(root: Path, step: int, state: dict, config_yaml: str, meta: dict, keep_last: int) -> Path:
@@ -113,20 +98,8 @@ def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, 
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
     for name in ("config.yaml", "meta.json"):
-        _fsync_file(tmp / name)
-    (tmp / MARKER).write_text("")
-    _fsync_file(tmp / MARKER)
-    _fsync_dir(tmp)
-
-    if final.exists():  # re-saving a step (a run resumed from an older checkpoint): swap, then drop the old one
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+        fsync_file(tmp / name)
+    finish_folder(tmp, final)  # re-saving a step (a run resumed from an older checkpoint) swaps out the old one
 
     if keep_last > 0:
         # Only checkpoints older than this one count: a run resumed from an earlier step must not delete

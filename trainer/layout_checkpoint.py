@@ -10,8 +10,6 @@ layout by cutting its whole tensors the way `parallelize` cuts the model (`_shar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from . import checkpoint as ckpt
@@ -86,7 +84,7 @@ def save_parallel(layout, root, step, extra, config_yaml, meta, keep_last):
     """All ranks write their shards into rank 0's temp folder; rank 0 then completes it atomically."""
     from parallel.checkpoint import save_state
 
-    tmp = ckpt.begin_save(root, step) if layout.env.is_main else Path(root) / f".tmp-{ckpt.step_dir_name(step)}"
+    tmp = ckpt.begin_save(root, step) if layout.env.is_main else ckpt.temp_dir(root, step)
     barrier(layout.env)
     save_state(tmp, layout.model, layout.optimizer, extra, layout.topo)  # ends with a barrier
     path = None
