@@ -23,7 +23,7 @@ import itertools
 
 import torch
 
-from kernels.cu_seqlens import cu_seqlens_list
+from kernels.cu_seqlens import checked_cu_seqlens
 
 __all__ = ["check_lightning_inputs", "lightning_attention_chunked", "lightning_attention_naive"]
 
@@ -48,15 +48,7 @@ def check_lightning_inputs(q, k, v, slope, cu_seqlens, initial_state) -> list[in
     if cu_seqlens is None:
         cu = [0, T]
     else:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1")
-        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-        cu = cu_seqlens_list(cu_seqlens)
-        if cu[0] != 0 or cu[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0]} .. {cu[-1]}")
-        if any(b < a for a, b in itertools.pairwise(cu)):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+        cu = checked_cu_seqlens("cu_seqlens", cu_seqlens, T, total_name="T=")
 
     if initial_state is not None:
         want = (len(cu) - 1, H, d_k, v.shape[2])

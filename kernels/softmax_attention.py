@@ -25,22 +25,9 @@ import warnings
 
 import torch
 
-from kernels.cu_seqlens import cu_seqlens_list
+from kernels.cu_seqlens import checked_cu_seqlens
 
 __all__ = ["softmax_attention_varlen", "softmax_attention_varlen_reference"]
-
-
-def _check_cu(name, cu_seqlens, total) -> list[int]:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D integer tensor [N+1] with N >= 1")
-    if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
-    cu = cu_seqlens_list(cu_seqlens)
-    if cu[0] != 0 or cu[-1] != total:
-        raise ValueError(f"{name} must start at 0 and end at {total}, got {cu[0]} .. {cu[-1]}")
-    if any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(f"{name} must be non-decreasing, got {cu}")
-    return cu
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -55,8 +42,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    cu_q = checked_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = checked_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if len(cu_q) != len(cu_k):
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cu_q)} and {len(cu_k)}"
