@@ -207,7 +207,9 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 
     for step in (100, 200, 300):
         ckpt.save_checkpoint(tmp_path, step, {"w": step}, "cfg: 1\n", {}, keep_last=0)
-    # a run resumed from step 100 saves step 150 with keep_last=2: 150 and 100 stay, 200/300 are not touched
+    # a run resumed from step 100 saves step 150 with keep_last=2: 100 and 150 stay; 200 and 300 are kept
+    # under another name so that resume=auto continues this run, not the abandoned one
     ckpt.save_checkpoint(tmp_path, 150, {"w": 150}, "cfg: 1\n", {}, keep_last=2)
-    names = [p.name for p in ckpt.complete_checkpoints(tmp_path)]
-    assert "step_000150" in names and "step_000100" in names
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000100", "step_000150"]
+    assert ckpt.resolve_resume("auto", tmp_path).name == "step_000150"
+    assert (tmp_path / "abandoned-step_000300").is_dir() and (tmp_path / "abandoned-step_000200").is_dir()

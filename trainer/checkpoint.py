@@ -12,6 +12,7 @@ either format into either kind of layout.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -101,9 +102,12 @@ def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, 
         fsync_file(tmp / name)
     finish_folder(tmp, final)  # re-saving a step (a run resumed from an older checkpoint) swaps out the old one
 
+    # A run resumed from an earlier step leaves newer checkpoints of the abandoned branch behind: keep them,
+    # renamed out of resume=auto's reach, so the newest resumable checkpoint is always this run's own.
+    for newer in (c for c in complete_checkpoints(root) if _step_of(c) > _step_of(final)):
+        os.replace(newer, root / f"abandoned-{newer.name}")
     if keep_last > 0:
-        # Only checkpoints older than this one count: a run resumed from an earlier step must not delete
-        # what it just wrote (newer folders from the abandoned branch are kept for the user to judge).
+        # Only older checkpoints are pruned, never the one just written.
         older = [c for c in complete_checkpoints(root) if _step_of(c) < _step_of(final)]
         for old_ckpt in older[: max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(old_ckpt, ignore_errors=True)
