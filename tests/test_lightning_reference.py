@@ -1,23 +1,15 @@
 """Lightning attention references: chunked == naive recurrence, document resets, state hand-off,
 gradients, low precision, input validation, and the public dispatcher on CPU."""
 
-import secrets
 
 import pytest
 import torch
+from conftest import cu_from_lengths
 
 from kernels.lightning_attention import BACKEND_ENV_VAR, lightning_attention
 from kernels.lightning_reference import lightning_attention_chunked, lightning_attention_naive
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen():
-    """A fresh random generator per test; the seed is printed so a failure can be replayed."""
-    seed = secrets.randbits(48)
-    print(f"seed = {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def random_inputs(gen, T, H=2, d_k=4, d_v=3, dtype=F64, n_docs=None):
@@ -27,10 +19,6 @@ def random_inputs(gen, T, H=2, d_k=4, d_v=3, dtype=F64, n_docs=None):
     slope = torch.rand(H, generator=gen, dtype=F64) * 0.9 + 0.004
     init = None if n_docs is None else torch.randn(n_docs, H, d_k, d_v, generator=gen, dtype=F64)
     return q.to(dtype), k.to(dtype), v.to(dtype), slope, init
-
-
-def cu_from_lengths(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def random_lengths(gen, layout, block_size):

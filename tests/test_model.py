@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import cu_from_lengths
 
 from model import MiniMaxForCausalLM, ModelConfig
 from model.moe import MoE, capacity_keep_mask, expert_capacity, route_top_k, switch_aux_loss
@@ -23,7 +24,7 @@ def test_packed_documents_equal_documents_alone():
     model = MiniMaxForCausalLM(small_cfg()).double().eval()
     lengths = [1, 13, 8, 30]
     docs = [torch.randint(0, 61, (n,)) for n in lengths]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_from_lengths(lengths)
     with torch.no_grad():
         packed = model(torch.cat(docs), cu).logits
         alone = torch.cat([model(d, torch.tensor([0, len(d)], dtype=torch.int32)).logits for d in docs])

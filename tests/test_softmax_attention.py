@@ -2,26 +2,15 @@
 and non-causal masks with different q/k lengths, empty rows, validation, and the GPU path."""
 
 import math
-import secrets
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cu_from_lengths
 
 from kernels.softmax_attention import softmax_attention_varlen, softmax_attention_varlen_reference
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen():
-    seed = secrets.randbits(48)
-    print(f"seed = {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def cu_from_lengths(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def random_qkv(gen, Tq, Tk, H=4, Hkv=2, d=8, dtype=F64):
