@@ -22,6 +22,7 @@ Prints the table last; writes bench/results/moe.json (moe_ep.json with --ep) and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig
-from model.moe import MoE, route_top_k
+from model.moe import MoE, grouped_mm_applies, route_top_k, swiglu_products
 
 SHAPES = {
     "minimax": {"hidden_size": 6144, "ffn_hidden_size": 9216, "num_experts": 32, "top_k": 2},
@@ -77,19 +78,6 @@ def matmul_peak_tflops(device, dtype, n: int, warmup: int, iters: int) -> float:
     return 2 * n ** 3 / ms / 1e9
 
 
-def loop_products(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """The per-expert loop (SwiGLUExperts' fallback path), forced on any device."""
-    dtype = x_sorted.dtype
-    w_gate, w_up, w_down = (w.to(dtype) for w in (experts.w_gate, experts.w_up, experts.w_down))
-    outs = [(F.silu(c @ w_gate[e]) * (c @ w_up[e])) @ w_down[e]
-            for e, c in enumerate(x_sorted.split(tokens_per_expert.tolist()))]
-    return torch.cat(outs)
-
-
-def grouped_available(device, dtype) -> bool:
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm")
-
-
 def build_moe(shape: dict, device, dtype, capacity_factor, seed=0) -> MoE:
     cfg = ModelConfig(vocab_size=128, num_layers=1, num_heads=1, head_dim=16, num_kv_heads=1,
                       capacity_factor=capacity_factor, **shape)
@@ -106,7 +94,7 @@ def bench_single(args, shape, device, dtype, peak) -> list[dict]:
     rows = []
     moe = build_moe(shape, device, dtype, args.capacity_factor)
     h, f = shape["hidden_size"], shape["ffn_hidden_size"]
-    paths = ["grouped", "loop"] if grouped_available(device, dtype) else ["loop"]
+    paths = ["grouped", "loop"] if grouped_mm_applies(torch.empty(0, device=device, dtype=dtype)) else ["loop"]
     for T in args.tokens:
         x = torch.randn(T, h, device=device, dtype=dtype)
         routing = route_top_k(moe.gate(x), shape["top_k"])
@@ -117,7 +105,9 @@ def bench_single(args, shape, device, dtype, peak) -> list[dict]:
         x_layer = x.clone().requires_grad_(True)
         dy_layer = torch.randn_like(x)
         for path in paths:
-            products = moe.experts if path == "grouped" else (lambda xs, c: loop_products(moe.experts, xs, c))
+            weights = (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down)
+            products = functools.partial(swiglu_products, w_gate=weights[0], w_up=weights[1], w_down=weights[2],
+                                         grouped=path == "grouped")
 
             def experts_step(products=products, x_sorted=x_sorted, counts=counts, dy=dy):
                 moe.zero_grad(set_to_none=True)
@@ -127,8 +117,7 @@ def bench_single(args, shape, device, dtype, peak) -> list[dict]:
             flops = 18 * M * h * f
             rows.append({"bench": "expert products", "path": path, "tokens": T, "assignments": M, "ms": ms,
                          "tflops": flops / ms / 1e9, "peak_pct": 100 * flops / ms / 1e9 / peak})
-            if path == "loop":
-                moe.experts.forward = products
+            moe.experts.forward = products  # the layer runs the same path
 
             def layer_step(x_layer=x_layer, dy_layer=dy_layer):
                 moe.zero_grad(set_to_none=True)

@@ -71,6 +71,34 @@ class TopKRouter(nn.Module):
             return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
+# F.grouped_mm is public from torch 2.10; torch._grouped_mm is the same op in older releases.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_applies(x: torch.Tensor) -> bool:
+    """Grouped products run on CUDA in bf16/fp16 (torch's op has no CPU backward and no fp32 kernel)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _grouped_mm is not None
+
+
+def swiglu_products(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate, w_up, w_down,
+                    grouped: bool | None = None) -> torch.Tensor:
+    """Every expert's SwiGLU FFN on its rows of x_sorted [M, in] (grouped by expert, in order; counts sum to M).
+
+    grouped=None picks grouped products where they apply, else a per-expert loop. With no rows the result still
+    depends on x and the weights, so an expert-parallel rank's backward (and its collectives) runs like its peers'.
+    """
+    if grouped if grouped is not None else grouped_mm_applies(x_sorted):
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        h = F.silu(_grouped_mm(x_sorted, w_gate, offs=offs)) * _grouped_mm(x_sorted, w_up, offs=offs)
+        return _grouped_mm(h, w_down, offs=offs)
+    outs = [(F.silu(c @ w_gate[e]) * (c @ w_up[e])) @ w_down[e]
+            for e, c in enumerate(x_sorted.split(tokens_per_expert.tolist())) if c.shape[0]]
+    if outs:
+        return torch.cat(outs)
+    anchor = x_sorted.sum() + w_gate.sum() + w_up.sum() + w_down.sum()
+    return x_sorted.new_zeros(0, w_down.shape[-1]) + 0 * anchor
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU FFNs stored as stacked [E, in, out] weights so grouped matrix products can run them at once."""
 
@@ -85,18 +113,8 @@ class SwiGLUExperts(nn.Module):
         # Under autocast the residual stream stays fp32; compute the experts in the autocast dtype, as nn.Linear would.
         dev = x_sorted.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_sorted.dtype
-        x_sorted = x_sorted.to(dtype)
-        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        if x_sorted.is_cuda and dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm"):
-            offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-            h = F.silu(F.grouped_mm(x_sorted, w_gate, offs=offs)) * F.grouped_mm(x_sorted, w_up, offs=offs)
-            return F.grouped_mm(h, w_down, offs=offs)
-        # CPU / fp32 path: torch's grouped_mm has no CPU backward, so loop over experts.
-        outs = []
-        for e, chunk in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-            if chunk.shape[0]:
-                outs.append((F.silu(chunk @ w_gate[e]) * (chunk @ w_up[e])) @ w_down[e])
-        return torch.cat(outs) if outs else x_sorted.new_zeros(0, w_down.shape[-1])
+        return swiglu_products(x_sorted.to(dtype), tokens_per_expert,
+                               *(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)))
 
 
 class MoE(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.moe import SwiGLUExperts  # the parameter layout; swiglu_products is its arithmetic
+from model.moe import SwiGLUExperts, swiglu_products
 
 from .collectives import all_gather, all_to_all, group_rank, group_size, reduce_scatter
 from .global_router import gather_group_counts
@@ -125,24 +125,6 @@ def _plan(counts, g: int, ep_rank: int, etp_rank: int, experts_local: int) -> _G
         per_expert.append(n)
     recv = [sum(block[etp_rank][i]) for i in range(ep)]
     return _GroupPlan(send, recv, pad, rows[etp_rank], src_pos, per_expert)
-
-
-def swiglu_products(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
-    """model.moe.SwiGLUExperts' arithmetic on weights cast once by the caller (not once per token group).
-
-    Grouped products (F.grouped_mm) on CUDA in bf16/fp16, a per-expert loop elsewhere. With no rows the result
-    still depends on x and the weights, so this rank's backward (and its collectives) runs like its peers'.
-    """
-    if x_sorted.is_cuda and x_sorted.dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm"):
-        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        h = F.silu(F.grouped_mm(x_sorted, w_gate, offs=offs)) * F.grouped_mm(x_sorted, w_up, offs=offs)
-        return F.grouped_mm(h, w_down, offs=offs)
-    outs = [(F.silu(c @ w_gate[e]) * (c @ w_up[e])) @ w_down[e]
-            for e, c in enumerate(x_sorted.split(tokens_per_expert.tolist())) if c.shape[0]]
-    if outs:
-        return torch.cat(outs)
-    anchor = x_sorted.sum() + w_gate.sum() + w_up.sum() + w_down.sum()
-    return x_sorted.new_zeros(0, w_down.shape[-1]) + 0 * anchor
 
 
 _streams: dict = {}

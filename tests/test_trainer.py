@@ -74,6 +74,12 @@ def test_tiny_run_lowers_loss(tmp_path):
     assert (run_dir / "config.yaml").exists()
 
 
+def test_no_checkpoint_when_at_end_is_off(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.steps=2", "trainer.checkpoint.every=0", "trainer.checkpoint.at_end=false") == 0
+    assert len(metrics(run_dir)) == 2 and checkpoint_steps(run_dir) == []
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """8 steps in one go, checkpoints every 4 (keep_last=1 leaves only the final one)."""

@@ -199,5 +199,5 @@ class Trainer:
             self.logger.log_step(metrics)
             if every and self.state.step % every == 0:
                 self.save()
-        if self.saved_step != self.state.step:
+        if self.cfg.trainer.checkpoint.at_end and self.saved_step != self.state.step:
             self.save()
