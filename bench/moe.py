@@ -15,7 +15,7 @@ backward) for M kept assignments; "peak %" is their share of the measured ceilin
 with its own tokens (skewed per rank with --skew, as different documents are): step time and tokens/s for
 G = 1, 2 overlap groups and the drop rate of the global and local routers.
 
-Prints the table last; writes bench/results/moe.json (moe_ep.json with --ep) and the same under $OUT when set.
+Prints the table last; writes bench/results/moe_<preset>.json (moe_ep<N>_etp<M>_<preset>.json with --ep) and the same under $OUT when set.
 --tiny: small shapes, runs on CPU (fp32, where the loop is the only path) as a smoke test.
 """
 
@@ -221,14 +221,14 @@ def main():
         result.update(device=torch.cuda.get_device_name(device) if cuda else "cpu", world=dist.get_world_size(),
                       skew=args.skew)
         rows = bench_expert_parallel(args, shape, device, dtype)
-        name = "moe_ep.json"
+        name = f"moe_ep{args.ep}_etp{args.etp}_{preset}.json"
     else:
         device = torch.device("cuda" if cuda else "cpu")
         peak = matmul_peak_tflops(device, dtype, 256 if args.tiny else 8192, args.warmup, args.iters)
         log(f"measured {dtype} matmul ceiling: {peak:.1f} TFLOP/s")
         result.update(device=torch.cuda.get_device_name(device) if cuda else "cpu", matmul_peak_tflops=peak)
         rows = bench_single(args, shape, device, dtype, peak)
-        name = "moe.json"
+        name = f"moe_{preset}.json"
     result["rows"] = rows
     if not dist.is_initialized() or dist.get_rank() == 0:
         text = json.dumps(result, indent=1)
