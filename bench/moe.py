@@ -163,7 +163,7 @@ def bench_expert_parallel(args, shape, device, dtype) -> list[dict]:
                 layer.zero_grad(set_to_none=True)
                 layer(x).backward(dy)
 
-            ms = torch.tensor(time_ms(step, device, args.warmup, args.iters), dtype=torch.float64)
+            ms = torch.tensor(time_ms(step, device, args.warmup, args.iters), dtype=torch.float64, device=device)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
             s = layer.last_stats
             rows.append({"bench": f"EP layer ep={ep} etp={etp}", "router": mode, "overlap_groups": groups,

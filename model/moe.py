@@ -91,8 +91,10 @@ def swiglu_products(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_g
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         h = F.silu(_grouped_mm(x_sorted, w_gate, offs=offs)) * _grouped_mm(x_sorted, w_up, offs=offs)
         return _grouped_mm(h, w_down, offs=offs)
-    outs = [(F.silu(c @ w_gate[e]) * (c @ w_up[e])) @ w_down[e]
-            for e, c in enumerate(x_sorted.split(tokens_per_expert.tolist())) if c.shape[0]]
+    # unbind, not w[e]: indexing's backward would write a full-size zero gradient per expert.
+    outs = [(F.silu(c @ g) * (c @ u)) @ d
+            for c, g, u, d in zip(x_sorted.split(tokens_per_expert.tolist()), w_gate.unbind(), w_up.unbind(),
+                                  w_down.unbind()) if c.shape[0]]
     if outs:
         return torch.cat(outs)
     anchor = x_sorted.sum() + w_gate.sum() + w_up.sum() + w_down.sum()
