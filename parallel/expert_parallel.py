@@ -159,12 +159,19 @@ def expert_parallel_forward(x: torch.Tensor, token_idx: torch.Tensor, expert_idx
     x_send = x[token_idx[order]].to(dtype)
     chunks = x_send.split([sum(p.send_splits) for p in plans])
 
+    # Every group's index tensors reach the device in one non-blocking copy, made before the groups start: a
+    # blocking copy on a group's stream would make the host wait for that stream and so serialize the groups.
+    index_host = torch.tensor([i for p in plans for i in (*p.src_pos, *p.tokens_per_local_expert)], dtype=torch.long)
+    index = index_host.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else index_host
+    pieces = index.split([n for p in plans for n in (len(p.src_pos), experts_local)])
+    positions, per_expert = pieces[0::2], pieces[1::2]
+
     streams = _group_streams(x.device, G) if x.is_cuda and G > 1 else None
     if streams is not None:
         main = torch.cuda.current_stream(x.device)
         for s in streams:  # tensors made on the main stream and used on s stay allocated until s is done
             s.wait_stream(main)
-            for t in (x_send, *weights):
+            for t in (x_send, index, *weights):
                 t.record_stream(s)
 
     def on_stream(g):
@@ -172,21 +179,17 @@ def expert_parallel_forward(x: torch.Tensor, token_idx: torch.Tensor, expert_idx
 
     # Stage-major issue order: all dispatches, then all expert products, then all combines. On CUDA, group g's
     # products run on its stream while later groups' collectives proceed on the communicators' streams.
-    dispatched, positions = [], []
+    dispatched = []
     for g, plan in enumerate(plans):
         with on_stream(g):
             received = all_to_all(chunks[g], plan.recv_splits, plan.send_splits, ep_group)
             if etp > 1:
                 received = F.pad(received, (0, 0, 0, plan.pad - plan.rows_mine))
-            gathered = all_gather(received, etp_group)
-            pos = torch.tensor(plan.src_pos, dtype=torch.long, device=x.device)
-            positions.append(pos)
-            dispatched.append(gathered[pos])
+            dispatched.append(all_gather(received, etp_group)[positions[g]])
     computed = []
-    for g, plan in enumerate(plans):
+    for g in range(G):
         with on_stream(g):
-            per_expert = torch.tensor(plan.tokens_per_local_expert, dtype=torch.long, device=x.device)
-            computed.append(swiglu_products(dispatched[g], per_expert, *weights))
+            computed.append(swiglu_products(dispatched[g], per_expert[g], *weights))
     returned = []
     for g, plan in enumerate(plans):
         with on_stream(g):
