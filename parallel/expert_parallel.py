@@ -74,7 +74,7 @@ def sync_expert_grads(params, edp_group, scale: float = 1.0) -> None:
     DP) scale is 1; where dense gradients are averaged over the DP x CP ranks, pass scale = 1 / (DP x CP).
     """
     grads = [p.grad for p in params if getattr(p, "expert_parallel", False) and p.grad is not None]
-    if not grads:
+    if not grads or (group_size(edp_group) == 1 and scale == 1.0):
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     if group_size(edp_group) > 1:
@@ -94,7 +94,10 @@ class _GroupPlan:
     recv_splits: list[int]  # rows from each EP rank
     pad: int  # rows per ETP rank in the padded all-gather
     rows_mine: int  # rows this rank received over EP (its block of the ETP gather)
-    src_pos: list[int]  # for every row in local-expert order: its position in the padded gathered buffer
+    # The gathered buffer's blocks in local-expert order: block k is rows [start, start + block_rows[k]) of the
+    # padded gathered buffer and lands at output row out_start; block_shift[k] = start - out_start.
+    block_rows: list[int]
+    block_shift: list[int]
     tokens_per_local_expert: list[int]
 
 
@@ -115,16 +118,37 @@ def _plan(counts, g: int, ep_rank: int, etp_rank: int, experts_local: int) -> _G
             for l in range(experts_local):
                 start[p, i, l] = offset
                 offset += block[p][i][l]
-    src_pos, per_expert = [], []
+    block_rows, block_shift, per_expert, out = [], [], [], 0
     for l in range(experts_local):  # local-expert order; within an expert: ETP peer, then source EP rank
         n = 0
         for p in range(etp):
             for i in range(ep):
-                src_pos.extend(range(start[p, i, l], start[p, i, l] + block[p][i][l]))
+                block_rows.append(block[p][i][l])
+                block_shift.append(start[p, i, l] - out)
+                out += block[p][i][l]
                 n += block[p][i][l]
         per_expert.append(n)
     recv = [sum(block[etp_rank][i]) for i in range(ep)]
-    return _GroupPlan(send, recv, pad, rows[etp_rank], src_pos, per_expert)
+    return _GroupPlan(send, recv, pad, rows[etp_rank], block_rows, block_shift, per_expert)
+
+
+def _device_indices(plans: list[_GroupPlan], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per group: every expert row's position in the gathered buffer, and rows per local expert, on the device.
+
+    Made from a few small host lists in one non-blocking copy, before the groups start: a blocking copy on a
+    group's stream would make the host wait for that stream and so serialize the groups.
+    """
+    shifts, base = [], 0
+    for p in plans:  # positions of all groups come out of one repeat_interleave over their concatenated output
+        shifts += [s - base for s in p.block_shift]
+        base += sum(p.block_rows)
+    sizes = [n for p in plans for n in p.block_rows]
+    per_expert = [n for p in plans for n in p.tokens_per_local_expert]
+    host = torch.tensor([*shifts, *sizes, *per_expert], dtype=torch.long)
+    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    shift_d, sizes_d, per_expert_d = dev.split([len(shifts), len(sizes), len(per_expert)])
+    positions = torch.repeat_interleave(shift_d, sizes_d, output_size=base) + torch.arange(base, device=device)
+    return list(positions.split([sum(p.block_rows) for p in plans])), list(per_expert_d.view(len(plans), -1))
 
 
 _streams: dict = {}
@@ -159,19 +183,14 @@ def expert_parallel_forward(x: torch.Tensor, token_idx: torch.Tensor, expert_idx
     x_send = x[token_idx[order]].to(dtype)
     chunks = x_send.split([sum(p.send_splits) for p in plans])
 
-    # Every group's index tensors reach the device in one non-blocking copy, made before the groups start: a
-    # blocking copy on a group's stream would make the host wait for that stream and so serialize the groups.
-    index_host = torch.tensor([i for p in plans for i in (*p.src_pos, *p.tokens_per_local_expert)], dtype=torch.long)
-    index = index_host.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else index_host
-    pieces = index.split([n for p in plans for n in (len(p.src_pos), experts_local)])
-    positions, per_expert = pieces[0::2], pieces[1::2]
+    positions, per_expert = _device_indices(plans, x.device)
 
     streams = _group_streams(x.device, G) if x.is_cuda and G > 1 else None
     if streams is not None:
         main = torch.cuda.current_stream(x.device)
         for s in streams:  # tensors made on the main stream and used on s stay allocated until s is done
             s.wait_stream(main)
-            for t in (x_send, index, *weights):
+            for t in (x_send, *positions, *per_expert, *weights):
                 t.record_stream(s)
 
     def on_stream(g):
