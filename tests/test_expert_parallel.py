@@ -261,6 +261,53 @@ def test_expert_parallel_matches_single_process(ep, etp):
         assert result["errors"][1].startswith(f"parallel.etp={etp} ")
 
 
+def _gpu_worker(rank, world, ep, etp, autocast):
+    """EP layer on NCCL with real CUDA streams for G > 1, against the full layer on this rank's tokens (local rule)."""
+    dev = torch.device("cuda", rank)
+    ep_group, etp_group, _ = folded_groups(world, ep, etp)
+    torch.manual_seed(0)
+    full = MoE(tiny_cfg())
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    full = full.to(dev)
+    g = torch.Generator().manual_seed(rank)
+    x, dy = (torch.randn(48 + 16 * rank, 128, generator=g).to(dev) for _ in range(2))  # uneven token counts
+
+    def run(layer):
+        layer.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xr)
+        y.float().backward(dy)
+        grads = {}
+        for name, p in layer.named_parameters():
+            grad = p.grad.clone()
+            if getattr(p, "expert_parallel", False):
+                grad = full_expert_grad(name, grad, ep_group, etp_group)
+            else:
+                dist.all_reduce(grad)
+            grads[name] = grad.cpu()
+        return y.float().cpu(), xr.grad.cpu(), grads, int(layer.last_stats["dropped"])
+
+    reference = run(full)  # not expert-parallel: every gradient summed over the ranks
+    return {G: run(make_moe_expert_parallel(full, ep_group, etp_group, "local", G)) for G in (1, 2, 4)}, reference
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32-loop", "bf16-grouped"])
+@pytest.mark.parametrize("ep,etp", [(2, 1), (1, 2)], ids=["ep2", "etp2"])
+def test_expert_parallel_on_gpus(ep, etp, autocast):
+    rtol = 2e-2 if autocast else 1e-5
+    for by_groups, (y_ref, dx_ref, grads_ref, dropped_ref) in run_distributed(_gpu_worker, 2, ep, etp, autocast,
+                                                                              backend="nccl"):
+        for G, (y, dx, grads, dropped) in by_groups.items():
+            assert dropped == dropped_ref > 0, (G, dropped, dropped_ref)
+            assert_rel_close(y, y_ref, f"G={G} output", rtol)
+            assert_rel_close(dx, dx_ref, f"G={G} input grad", rtol)
+            for name, ref in grads_ref.items():
+                assert_rel_close(grads[name], ref, f"G={G} grad {name}", rtol)
+
+
 def test_invalid_sizes_one_line():
     with pytest.raises(ValueError, match=r"^parallel.ep=3 does not divide model.num_experts=8$"):
         check_expert_parallel_sizes(8, 256, 3, 1)
