@@ -87,7 +87,9 @@ def swiglu_products(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, w_g
     grouped=None picks grouped products where they apply, else a per-expert loop. With no rows the result still
     depends on x and the weights, so an expert-parallel rank's backward (and its collectives) runs like its peers'.
     """
-    if grouped if grouped is not None else grouped_mm_applies(x_sorted):
+    if grouped is None:
+        grouped = grouped_mm_applies(x_sorted)
+    if grouped:
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         h = F.silu(_grouped_mm(x_sorted, w_gate, offs=offs)) * _grouped_mm(x_sorted, w_up, offs=offs)
         return _grouped_mm(h, w_down, offs=offs)

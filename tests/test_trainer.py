@@ -175,13 +175,14 @@ def _bad_inputs(tmp_path: Path):
         "resume not a checkpoint": ([f"trainer.resume={not_ckpt}"], "trainer.resume"),
         "layout needs more ranks": (["parallel=tp2"], "not divisible by tp*cp*pp=2"),
         "bad router mode": (["parallel=dp", "parallel.router_mode=best"], "parallel.router_mode"),
+        "bad at_end": (["trainer.checkpoint.at_end=maybe"], "trainer.checkpoint.at_end"),
     }
 
 
 BAD_CASES = ["unknown key", "unknown group option", "bad value", "missing data path", "empty data path",
              "unreadable tokenizer", "batch not divisible", "vocab too small", "invalid model config",
              "unknown model key", "schedule too long", "resume not a checkpoint", "layout needs more ranks",
-             "bad router mode"]
+             "bad router mode", "bad at_end"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
