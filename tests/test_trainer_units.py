@@ -213,3 +213,10 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000100", "step_000150"]
     assert ckpt.resolve_resume("auto", tmp_path).name == "step_000150"
     assert (tmp_path / "abandoned-step_000300").is_dir() and (tmp_path / "abandoned-step_000200").is_dir()
+    # that run goes on to 200 and is rolled back to 150 again: the second branch's 200 and 150 are set aside too
+    ckpt.save_checkpoint(tmp_path, 200, {"w": 201}, "cfg: 1\n", {}, keep_last=0)
+    ckpt.save_checkpoint(tmp_path, 150, {"w": 151}, "cfg: 1\n", {}, keep_last=0)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000100", "step_000150"]
+    assert ckpt.load_state(tmp_path / "step_000150")["w"] == 151
+    assert ckpt.load_state(tmp_path / "abandoned-step_000200-2")["w"] == 201
+    assert ckpt.load_state(tmp_path / "abandoned-step_000150")["w"] == 150

@@ -100,18 +100,26 @@ def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, 
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
     for name in ("config.yaml", "meta.json"):
         fsync_file(tmp / name)
-    finish_folder(tmp, final)  # re-saving a step (a run resumed from an older checkpoint) swaps out the old one
-
-    # A run resumed from an earlier step leaves newer checkpoints of the abandoned branch behind: keep them,
-    # renamed out of resume=auto's reach, so the newest resumable checkpoint is always this run's own.
-    for newer in (c for c in complete_checkpoints(root) if _step_of(c) > _step_of(final)):
-        os.replace(newer, root / f"abandoned-{newer.name}")
+    # A run resumed from an earlier step leaves checkpoints of the abandoned branch at this step and later: keep
+    # them, renamed out of resume=auto's reach, so the newest resumable checkpoint is always this run's own.
+    for later in (c for c in complete_checkpoints(root) if _step_of(c) >= step):
+        _set_aside(later)
+    finish_folder(tmp, final)
     if keep_last > 0:
         # Only older checkpoints are pruned, never the one just written.
         older = [c for c in complete_checkpoints(root) if _step_of(c) < _step_of(final)]
         for old_ckpt in older[: max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(old_ckpt, ignore_errors=True)
     return final
+
+
+def _set_aside(ckpt_dir: Path) -> None:
+    """Rename an abandoned branch's checkpoint to abandoned-step_N (-2, -3, ... after further roll-backs)."""
+    target, n = ckpt_dir.parent / f"abandoned-{ckpt_dir.name}", 1
+    while target.exists():
+        n += 1
+        target = ckpt_dir.parent / f"abandoned-{ckpt_dir.name}-{n}"
+    os.replace(ckpt_dir, target)
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
