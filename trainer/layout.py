@@ -117,9 +117,6 @@ class PlainLayout:
         sum_gradients(self.params, self.env)
         return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
 
-    def sum_over_dp(self, values: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(values, self.env)
-
     def reduce_step_stats(self, dp_cp_stats: torch.Tensor, world_stats: torch.Tensor):
         """Every rank is its own replica here: one all_reduce of both."""
         both = all_reduce_sum(torch.cat([dp_cp_stats, world_stats]), self.env)
@@ -166,10 +163,6 @@ class ParallelLayout:
         if self.topo.world_size > 1:
             dist.all_reduce(values, group=group)
         return values
-
-    def sum_over_dp(self, values: torch.Tensor) -> torch.Tensor:
-        """Over DP replicas only: the TP and CP ranks of a replica hold the same windows."""
-        return self._sum(values, self.topo.dp_group)
 
     def reduce_step_stats(self, dp_cp_stats: torch.Tensor, world_stats: torch.Tensor):
         """Loss sums over DP x CP (every TP rank holds its micro-batch's whole loss; CP ranks hold disjoint

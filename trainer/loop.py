@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.packing import IGNORE_INDEX
+
 from .distributed import DistEnv
 from .logger import say
 from .metrics import peak_memory_gib, throughput
@@ -25,8 +27,8 @@ def expert_load_shares(tokens_per_expert: torch.Tensor) -> dict:
     router group's (then each group is counted by all its ranks alike), so the shares are exact for every layout.
     """
     shares = tokens_per_expert / tokens_per_expert.sum(-1, keepdim=True).clamp(min=1)
-    return {"moe/load_share_min": shares.min().item(), "moe/load_share_max": shares.max().item(),
-            "moe/load_share_mean": shares.mean().item()}
+    low, high, mean = torch.stack([shares.min(), shares.max(), shares.mean()]).tolist()
+    return {"moe/load_share_min": low, "moe/load_share_max": high, "moe/load_share_mean": mean}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,15 +101,20 @@ class Trainer:
         self.saved_step = self.state.step
 
     # ---- one optimizer step -----------------------------------------------------------------------------
-    def _next_micro_batches(self, micro_per_rank: int) -> list[dict]:
-        """This replica's micro-batches of the step. Every rank reads the same global stream and keeps its DP
-        slice (all TP/CP ranks of a replica the same one), so the global batch (and the checkpointed data
-        position) does not depend on the layout."""
+    def _next_micro_batches(self, micro_per_rank: int) -> tuple[list[dict], int]:
+        """This replica's micro-batches of the step, and the label tokens of the whole global batch.
+
+        Every rank reads the same global stream and keeps its DP slice (all TP/CP ranks of a replica the same
+        one), so the global batch (and the checkpointed data position) does not depend on the layout, and every
+        rank counts the global batch's labels without a collective."""
         per_rank = micro_per_rank * self.micro_batch_size
         windows = [self.stream.next_window() for _ in range(per_rank * self.layout.dp)]
+        label_tokens = sum(int((w["labels"] != IGNORE_INDEX).sum()) for w in windows)
         start = self.layout.dp_rank * per_rank
         mine = windows[start:start + per_rank]
-        return [self.collate(mine[i:i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
+        micro_batches = [self.collate(mine[i:i + self.micro_batch_size])
+                         for i in range(0, per_rank, self.micro_batch_size)]
+        return micro_batches, label_tokens
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -116,21 +123,19 @@ class Trainer:
         global_batch = self.batch_schedule.global_batch_tokens(self.state.tokens_seen)
         micro_per_rank = self.batch_schedule.micro_batches_per_rank(
             self.state.tokens_seen, self.micro_batch_size, self.seq_len, dp)
-        micro_batches = self._next_micro_batches(micro_per_rank)
+        micro_batches, label_tokens = self._next_micro_batches(micro_per_rank)
         lr = self.lr_schedule(step, self.state.tokens_seen)
         set_lr(self.optimizer, lr)
 
         # Normalise by the label tokens of the whole global batch, so that accumulation and data parallelism
         # give the same gradient as one big batch (documents end at EOS, so counts differ per micro-batch).
-        local_labels = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        label_tokens = int(self.layout.sum_over_dp(torch.tensor([local_labels], dtype=torch.float64)).item())
         denom = max(label_tokens, 1)
         # The aux loss is the mean over router groups and micro-batches (convention: parallel/moe_parallel.py);
         # the layers scale their gradients so that this weight is right for every layout.
         aux_weight = 1.0 / (micro_per_rank * dp)
 
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        moe = None  # aux, dropped, routed, tokens per layer and expert (flattened)
+        moe, routed = None, 0  # aux, dropped, tokens per layer and expert (flattened); routed is a host count
         self.model.train()
         for i, mb in enumerate(micro_batches):
             mb = self.layout.local_inputs(mb)
@@ -146,13 +151,14 @@ class Trainer:
                 loss.backward()
             loss_sum += out.loss_sum.detach().double()
             stats = torch.cat([torch.stack([torch.as_tensor(out.aux_loss).detach().double(),
-                                            torch.as_tensor(out.moe_dropped, device=self.device).double(),
-                                            torch.as_tensor(out.moe_routed, device=self.device).double()]),
+                                            torch.as_tensor(out.moe_dropped, device=self.device).double()]),
                                out.tokens_per_expert.detach().double().flatten()])
             moe = stats if moe is None else moe + stats
+            routed += out.moe_routed
+        moe = torch.cat([torch.tensor([routed], dtype=torch.float64).to(self.device, non_blocking=True), moe])
         loss_sum, moe = self.layout.reduce_step_stats(loss_sum, moe)
         loss_value = loss_sum.item() / denom
-        (aux_sum, dropped, routed), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
+        (routed, aux_sum, dropped), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
         # every rank holds its router group's aux value: the mean over all ranks is the step's aux loss
         aux_value = aux_sum / (micro_per_rank * world)
         # Finish the gradient sync first (overlapped all-reduces may be in flight), then judge; no rank steps.
