@@ -12,6 +12,8 @@ def cu_seqlens_list(cu_seqlens: torch.Tensor) -> list[int]:
     """cu_seqlens as a Python list. A model passes one tensor to every layer; reading a CUDA tensor costs a
     device sync, so the last tensor's list is kept (keyed by identity and in-place version, never by value)."""
     global _last
+    if cu_seqlens.is_inference():  # no version counter to key the cache on; inference does not need it
+        return [int(x) for x in cu_seqlens.tolist()]
     ref, version, values = _last
     if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
         return values

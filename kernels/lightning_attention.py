@@ -13,11 +13,15 @@ import torch
 
 from kernels.lightning_reference import lightning_attention_chunked
 
-__all__ = ["BACKEND_ENV_VAR", "lightning_attention"]
+__all__ = ["BACKEND_ENV_VAR", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "lightning_attention"]
 
 BACKEND_ENV_VAR = "MINIMAX_LIGHTNING_BACKEND"
 _BACKENDS = ("reference", "triton")
+# What the Triton kernel handles (defined here, where no Triton import is needed; lightning_triton re-exports).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _warned_triton_missing = False
+_warned_unsupported = False
 
 
 def _load_triton_kernel(required: bool):
@@ -40,9 +44,14 @@ def _load_triton_kernel(required: bool):
 
 
 def _triton_supports(q, v) -> bool:
-    """Shapes and dtypes the Triton kernel handles; anything else takes the reference instead of failing."""
-    return (q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    """Shapes and dtypes the Triton kernel handles; anything else takes the reference (warned once)."""
+    global _warned_unsupported
+    ok = q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+    if not ok and not _warned_unsupported:
+        warnings.warn(f"lightning attention: head dims {q.shape[-1]}/{v.shape[-1]} in {q.dtype} are not supported "
+                      f"by the Triton kernel (head dims {SUPPORTED_HEAD_DIMS}); using the slower PyTorch reference")
+        _warned_unsupported = True
+    return ok
 
 
 def lightning_attention(

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lightning_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from kernels.lightning_reference import check_lightning_inputs
 from kernels.lightning_triton_bwd import bwd_dkdv, bwd_dq
 from kernels.lightning_triton_fwd import INTERPRET, fwd_output, segment_kv, segment_scan
 
 __all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "TUNING", "lightning_attention_triton"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Knobs the benchmark sweeps; None = chosen from the problem size (see _segment_size).
 TUNING = {

@@ -32,7 +32,8 @@ class LightningAttention(nn.Module):
 
     def slopes(self, device) -> torch.Tensor:
         if device not in self._slopes_on:
-            self._slopes_on[device] = self._slopes.to(device=device, dtype=torch.float32)
+            with torch.inference_mode(False):  # a copy made under inference mode could not be saved for backward
+                self._slopes_on[device] = self._slopes.to(device=device, dtype=torch.float32)
         return self._slopes_on[device]
 
     def mix(self, q, k, v, cu_seqlens, positions):

@@ -27,6 +27,7 @@ def test_packed_documents_equal_documents_alone():
     cu = cu_from_lengths(lengths)
     with torch.no_grad():
         packed = model(torch.cat(docs), cu).logits
+    with torch.inference_mode():  # also: the host cu_seqlens cache and slope cache work on inference tensors
         alone = torch.cat([model(d, torch.tensor([0, len(d)], dtype=torch.int32)).logits for d in docs])
     torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
 
@@ -135,16 +136,21 @@ def test_unknown_key_is_rejected():
         ModelConfig.from_dict({"hidden": 3})
 
 
-def test_recompute_gives_the_same_gradients():
+def test_recompute_gives_the_same_gradients(monkeypatch):
+    import model.transformer as transformer
+
     torch.manual_seed(0)
     ids = torch.randint(0, 61, (24,))
     cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    grads = []
+    grads, checkpointed = [], []
+    monkeypatch.setattr(transformer, "checkpoint",
+                        lambda *a, **kw: checkpointed.append(1) or torch.utils.checkpoint.checkpoint(*a, **kw))
     for recompute in (False, True):
         torch.manual_seed(1)
         model = MiniMaxForCausalLM(small_cfg(capacity_factor=1.0), recompute=recompute).double()
         out = model(ids, cu, labels=ids.roll(-1))
         (out.loss + out.aux_loss).backward()
         grads.append([p.grad for p in model.parameters()])
+        assert len(checkpointed) == (4 if recompute else 0)  # every decoder layer, only when asked
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
