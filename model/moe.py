@@ -23,11 +23,19 @@ class Routing:
     tokens_per_expert: torch.Tensor  # [E] demand before dropping
 
 
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_experts] int64 counts of the indices (only those `where` is true). Unlike torch.bincount on CUDA,
+    no device-to-host sync."""
+    flat = expert_idx.flatten()
+    ones = torch.ones_like(flat) if where is None else where.flatten().long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, ones)
+
+
 def route_top_k(logits: torch.Tensor, top_k: int) -> Routing:
     probs = logits.softmax(dim=-1)
     top_logits, expert_idx = logits.topk(top_k, dim=-1)
     gates = top_logits.softmax(dim=-1)
-    counts = torch.bincount(expert_idx.flatten(), minlength=logits.shape[-1])
+    counts = count_per_expert(expert_idx, logits.shape[-1])
     return Routing(probs, expert_idx, gates, counts)
 
 
@@ -38,7 +46,7 @@ def capacity_keep_mask(expert_idx: torch.Tensor, gates: torch.Tensor, capacity: 
     # Order assignments by (expert, gate descending, token order); stable sorts keep earlier tokens first on ties.
     by_gate = torch.sort(flat_gate, descending=True, stable=True).indices
     order = by_gate[torch.sort(flat_expert[by_gate], stable=True).indices]
-    counts = torch.bincount(flat_expert, minlength=E)
+    counts = count_per_expert(flat_expert, E)
     group_start = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(order.numel(), device=order.device) - group_start[flat_expert[order]]
     keep = torch.empty_like(flat_expert, dtype=torch.bool)
@@ -144,7 +152,7 @@ class MoE(nn.Module):
         """Run the kept assignments through their experts and sum them per token; parallel/ swaps in EP."""
         order = torch.sort(expert_idx, stable=True).indices
         token_idx, expert_idx, gates = token_idx[order], expert_idx[order], gates[order]
-        counts = torch.bincount(expert_idx, minlength=self.num_experts)
+        counts = count_per_expert(expert_idx, self.num_experts)
         y = self.experts(x[token_idx], counts) * gates[:, None]
         return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
 
@@ -152,16 +160,20 @@ class MoE(nn.Module):
         T = x.shape[0]
         routing = route_top_k(self.gate(x), self.top_k)
         capacity = self.capacity(routing, T)
-        keep = (torch.ones_like(routing.expert_idx, dtype=torch.bool) if capacity is None
-                else capacity_keep_mask(routing.expert_idx, routing.gates, capacity))
         token_idx = torch.arange(T, device=x.device).repeat_interleave(self.top_k)
-        kept = keep.flatten()
-        out = self.experts_forward(x, token_idx[kept], routing.expert_idx.flatten()[kept],
-                                   routing.gates.flatten()[kept])
+        expert_idx, gates = routing.expert_idx.flatten(), routing.gates.flatten()
+        if capacity is None:
+            dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        else:  # one nonzero (the sync that the variable number of kept assignments needs) serves all three
+            kept = capacity_keep_mask(routing.expert_idx, routing.gates, capacity).flatten()
+            dropped = (~kept).sum()
+            kept_idx = kept.nonzero().squeeze(1)
+            token_idx, expert_idx, gates = token_idx[kept_idx], expert_idx[kept_idx], gates[kept_idx]
+        out = self.experts_forward(x, token_idx, expert_idx, gates)
         self.last_stats = {
             "aux_loss": self.aux_loss(routing, T),
             "routed": T * self.top_k,
-            "dropped": (~kept).sum().detach(),
+            "dropped": dropped,
             "tokens_per_expert": routing.tokens_per_expert.detach(),
         }
         return out

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.moe import SwiGLUExperts, swiglu_products
+from model.moe import SwiGLUExperts, count_per_expert, swiglu_products
 
 from .collectives import all_gather, all_to_all, group_rank, group_size, reduce_scatter
 from .global_router import gather_group_counts
@@ -173,7 +173,7 @@ def expert_parallel_forward(x: torch.Tensor, token_idx: torch.Tensor, expert_idx
     # Permute by (token group, expert): groups are contiguous token ranges, so each row's group is known locally.
     key = (token_idx * G // max(T, 1)) * num_experts + expert_idx
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=G * num_experts).view(G, num_experts)
+    counts = count_per_expert(key, G * num_experts).view(G, num_experts)
     counts_all = gather_group_counts(counts, (etp_group, ep_group)).view(ep, etp, G, num_experts).tolist()
     plans = [_plan(counts_all, g, ep_rank, etp_rank, experts_local) for g in range(G)]
     # Expert products run in the autocast dtype when autocast is on (so bf16 takes the grouped path); the weights

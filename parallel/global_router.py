@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.moe import capacity_keep_mask
+from model.moe import capacity_keep_mask, count_per_expert
 
 from .collectives import all_reduce
 
@@ -80,7 +80,7 @@ def group_keep_mask(expert_idx: torch.Tensor, gates: torch.Tensor, rank_sizes: l
     top_k = expert_idx.shape[1]
     rank_of_token = torch.repeat_interleave(torch.arange(len(rank_sizes)), torch.tensor(rank_sizes))
     virtual = expert_idx + num_experts * rank_of_token.to(expert_idx.device)[:, None]
-    demand = torch.bincount(virtual.flatten(), minlength=len(rank_sizes) * num_experts).view(-1, num_experts)
+    demand = count_per_expert(virtual, len(rank_sizes) * num_experts).view(-1, num_experts)
     capacity = capacity_per_rank(mode, demand, top_k, capacity_factor)
     if capacity is None:
         return torch.ones_like(expert_idx, dtype=torch.bool)
@@ -104,6 +104,11 @@ def gather_group_counts(counts: torch.Tensor, groups) -> torch.Tensor:
     return out
 
 
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward, `scale` times its gradient in the backward."""
+    return x if scale == 1 else x.detach() + scale * (x - x.detach())
+
+
 def group_aux_loss(probs: torch.Tensor, group_demand: torch.Tensor, group_tokens, top_k: int, coef: float,
                    groups, grad_scale: float) -> torch.Tensor:
     """Switch aux loss on the router group's statistics: the group's value on every rank.
@@ -119,7 +124,7 @@ def group_aux_loss(probs: torch.Tensor, group_demand: torch.Tensor, group_tokens
         prob_sum = all_reduce(prob_sum, group)
     f = group_demand.float() / (group_tokens * top_k)
     aux = coef * E * torch.sum(f.detach() * prob_sum / group_tokens)
-    return aux.detach() + grad_scale * (aux - aux.detach())
+    return scale_grad(aux, grad_scale)
 
 
 def group_stats(demand: torch.Tensor, kept: torch.Tensor) -> dict:

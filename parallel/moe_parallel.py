@@ -20,6 +20,7 @@ from .global_router import (
     group_aux_loss,
     group_stats,
     kept_counts,
+    scale_grad,
 )
 
 
@@ -69,8 +70,7 @@ class ExpertParallelMoE(MoE):
 
     def aux_loss(self, routing: Routing, num_tokens: int):
         if self.router_mode == "local":
-            aux = super().aux_loss(routing, num_tokens)
-            return aux if self.aux_loss_scale == 1 else aux.detach() + self.aux_loss_scale * (aux - aux.detach())
+            return scale_grad(super().aux_loss(routing, num_tokens), self.aux_loss_scale)
         demand = self._group_counts[0]
         group_tokens = demand.sum() // self.top_k
         return group_aux_loss(routing.probs, demand.sum(0), group_tokens, self.top_k, self.aux_loss_coef,

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import LightningAttention, SoftmaxAttention
-from model.moe import MoE, Routing, capacity_keep_mask, expert_capacity
+from model.moe import MoE, Routing, capacity_keep_mask, count_per_expert, expert_capacity
 from model.norm import RMSNorm
 from model.transformer import MiniMaxForCausalLM, ModelOutput
 
 from .collectives import all_gather, all_reduce, copy_to_group, group_rank, group_size, reduce_scatter
+from .global_router import group_aux_loss
 
 
 # ---- regions ------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class TensorParallelMoE(MoE):
         keep = capacity_keep_mask(expert_idx, gates, torch.full((self.num_experts,), c, device=gates.device))
         self._group_dropped = (~keep).sum()
         mine = keep.chunk(n)[group_rank(g)]
-        return torch.bincount(routing.expert_idx[mine], minlength=self.num_experts)
+        return count_per_expert(routing.expert_idx, self.num_experts, where=mine)
 
     def aux_loss(self, routing: Routing, num_tokens: int):
         g, n = self.token_group, group_size(self.token_group)
@@ -221,10 +222,7 @@ class TensorParallelMoE(MoE):
         if n > 1:
             dist.all_reduce(counts, group=g)
         self._group_counts = counts
-        total = num_tokens * n
-        P = all_reduce(routing.probs.sum(0), g) / total  # backward: each rank's own tokens' share
-        f = counts.float() / (total * self.top_k)
-        return self.aux_loss_coef * self.num_experts * torch.sum(f * P)
+        return group_aux_loss(routing.probs, counts, num_tokens * n, self.top_k, self.aux_loss_coef, (g,), 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
