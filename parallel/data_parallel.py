@@ -58,6 +58,7 @@ class Bucket:
     offsets: list = field(default_factory=list)
     buffer: torch.Tensor | None = None  # flat gradients, padded to a multiple of the shard group size
     views: list = field(default_factory=list)
+    norm_weights: torch.Tensor | None = None  # 1 / replicas of each parameter, for the global gradient norm
     ready: int = 0
     work: object = None
 
@@ -106,6 +107,8 @@ class GradSync:
         p0 = b.params[0]
         b.buffer = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
         b.views = [b.buffer[o:o + p.numel()].view_as(p) for o, p in zip(b.offsets, b.params)]
+        b.norm_weights = torch.tensor([1.0 / replica_count(n, p, self.topo) for n, p in zip(b.names, b.params)],
+                                      dtype=torch.float64, device=p0.device)
 
     def group(self, b: Bucket):
         return self.topo.groups[b.group_name]
@@ -140,7 +143,7 @@ class GradSync:
             self._sync_now = previous
 
     @torch.no_grad()
-    def finish(self, scale: float | None = None) -> None:
+    def finish(self) -> None:
         """After the last backward of a step: complete every bucket's all-reduce and expose `p.grad`."""
         for b in self.buckets[self._next:]:
             self._launch(b)
@@ -148,8 +151,6 @@ class GradSync:
             if b.work is not None:
                 b.work.wait()
                 b.work = None
-            if scale is not None:
-                b.buffer.mul_(scale)
             b.ready = 0
             for p, v in zip(b.params, b.views):
                 p.grad = v
@@ -170,9 +171,7 @@ class GradSync:
         total = torch.zeros((), dtype=torch.float64, device=self.buckets[0].buffer.device)
         for b in self.buckets:
             norms = torch.stack(torch._foreach_norm(b.views)).double()
-            weights = torch.tensor([1.0 / replica_count(n, p, self.topo) for n, p in zip(b.names, b.params)],
-                                   dtype=torch.float64, device=norms.device)
-            total += (norms.square() * weights).sum()
+            total += (norms.square() * b.norm_weights).sum()
         if self.topo.world_size > 1:
             dist.all_reduce(total)
         return total.sqrt()

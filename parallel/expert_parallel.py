@@ -23,7 +23,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.moe import SwiGLUExperts, count_per_expert, swiglu_products
@@ -47,7 +46,7 @@ def shard_experts(experts: SwiGLUExperts, ep: int, ep_rank: int, etp: int, etp_r
     """This rank's SwiGLUExperts: its E/EP experts, each with its 1/ETP slice of the FFN hidden dimension.
 
     Parameters are tagged `expert_parallel = True` (and Megatron's `allreduce = False`): their gradients are
-    complete over EP x ETP after backward and must be summed over EDP only (`sync_expert_grads`), not over DP.
+    complete over EP x ETP after backward and must be summed over EDP only (GradSync's `edp` buckets), not over DP.
     """
     E, hidden, ffn = experts.w_gate.shape
     check_expert_parallel_sizes(E, ffn, ep, etp)
@@ -63,28 +62,6 @@ def shard_experts(experts: SwiGLUExperts, ep: int, ep_rank: int, etp: int, etp_r
         p.expert_parallel = True
         p.allreduce = False
     return shard
-
-
-@torch.no_grad()
-def sync_expert_grads(params, edp_group, scale: float = 1.0) -> None:
-    """Sum expert gradients over the expert-data-parallel group, times `scale`.
-
-    EP x ETP already summed every token's contribution inside one replica, so EDP completes the sum over all
-    data. With the trainer's convention (loss normalised by the global token count, dense gradients summed over
-    DP) scale is 1; where dense gradients are averaged over the DP x CP ranks, pass scale = 1 / (DP x CP).
-    """
-    grads = [p.grad for p in params if getattr(p, "expert_parallel", False) and p.grad is not None]
-    if not grads or (group_size(edp_group) == 1 and scale == 1.0):
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if group_size(edp_group) > 1:
-        dist.all_reduce(flat, group=edp_group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 @dataclass

@@ -73,14 +73,12 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        for shard, b in zip(self.shards, self.grad_sync.buckets):  # grads may have been re-bound by clipping
-            lo, hi = self._shard_range(b)
-            shard.grad = b.buffer[lo:hi]
-        self.inner.step()
+        self.inner.step()  # each shard's .grad is bound to its slice of the bucket's gradient buffer for good
         for flat, shard, b in zip(self.flat_params, self.shards, self.grad_sync.buckets):
             g = self._group(b)
             if group_size(g) > 1:
-                _all_gather_flat(flat, shard.detach().clone(), g)
+                # NCCL gathers in place when the input is this rank's slice of the output; gloo needs a copy.
+                _all_gather_flat(flat, shard.detach() if flat.is_cuda else shard.detach().clone(), g)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad_sync.zero_grad()

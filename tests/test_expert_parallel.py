@@ -18,7 +18,7 @@ from model.config import ModelConfig
 from model.moe import MoE, route_top_k, switch_aux_loss
 from model.transformer import MiniMaxForCausalLM
 from parallel.collectives import all_gather
-from parallel.expert_parallel import check_expert_parallel_sizes, sync_expert_grads
+from parallel.expert_parallel import check_expert_parallel_sizes
 from parallel.global_router import capacity_per_rank, group_keep_mask, kept_counts
 from parallel.moe_parallel import make_moe_expert_parallel, parallelize_moe_layers
 
@@ -151,7 +151,9 @@ def parallel_run(state, groups, mode, overlap_groups):
         dist.all_reduce(total)
         losses.append(total.item())
         params = dict(model.named_parameters())
-        sync_expert_grads(params.values(), edp_group)
+        for p in params.values():  # expert shards: sum over the replicas that saw other tokens (EDP)
+            if getattr(p, "expert_parallel", False) and p.grad is not None and edp_group is not None:
+                dist.all_reduce(p.grad, group=edp_group)
         full = {}
         for name, p in params.items():
             g = torch.zeros_like(p) if p.grad is None else p.grad

@@ -85,20 +85,11 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj, env: DistEnv):
-    """Rank 0's `obj` on every rank (used for decisions that must agree, like the checkpoint to resume)."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     """parallel=single: the whole model on every rank, starting identical even if initialisation were not."""
-    if env.distributed:
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+    from parallel.parallelize import broadcast_parameters
+
+    broadcast_parameters(model)
     return model
 
 
