@@ -22,6 +22,13 @@ def cu_seqlens_list(cu_seqlens: torch.Tensor) -> list[int]:
     return values
 
 
+def remember_cu_seqlens(cu_seqlens: torch.Tensor, host_copy: torch.Tensor) -> None:
+    """Prime cu_seqlens_list with the host tensor a device `cu_seqlens` was copied from (saves its sync)."""
+    global _last
+    if not cu_seqlens.is_inference():
+        _last = (weakref.ref(cu_seqlens), cu_seqlens._version, [int(x) for x in host_copy.tolist()])
+
+
 def checked_cu_seqlens(name: str, cu_seqlens, total: int, total_name: str = "") -> list[int]:
     """Validate document boundaries [N+1] over `total` tokens and return them as a host list."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

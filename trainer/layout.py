@@ -106,6 +106,7 @@ class PlainLayout:
         self.optimizer_impl = optimizer_impl
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dp, self.dp_rank = env.world_size, env.rank
+        self.dp_group = None  # the default group: every process is its own replica
 
     def local_inputs(self, micro_batch: dict) -> dict:
         return micro_batch
@@ -142,7 +143,7 @@ class ParallelLayout:
             self.model, self.topo, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps),
             weight_decay=float(o.weight_decay), impl=o.impl)
         self.optimizer_impl = f"zero1-{self.optimizer.impl}"
-        self.dp, self.dp_rank = self.topo.dp, self.topo.dp_rank
+        self.dp, self.dp_rank, self.dp_group = self.topo.dp, self.topo.dp_rank, self.topo.dp_group
 
     def local_inputs(self, micro_batch: dict) -> dict:
         if self.topo.cp == 1:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from data.packing import IGNORE_INDEX
+from kernels.cu_seqlens import remember_cu_seqlens
 
 from .distributed import DistEnv
 from .logger import say
@@ -142,6 +143,7 @@ class Trainer:
             input_ids = mb["input_ids"].to(self.device, non_blocking=True)
             labels = mb["labels"].to(self.device, non_blocking=True)
             cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
+            remember_cu_seqlens(cu_seqlens, mb["cu_seqlens"])  # the layers read it without a device sync
             positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
             with self.layout.accumulate(last=i == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -156,14 +158,15 @@ class Trainer:
             moe = stats if moe is None else moe + stats
             routed += out.moe_routed
         moe = torch.cat([torch.tensor([routed], dtype=torch.float64).to(self.device, non_blocking=True), moe])
+        # Finish the gradient sync first (overlapped all-reduces may be in flight on the same communicators),
+        # then reduce the step's statistics and judge them; no rank steps on a non-finite value.
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = self.layout.sync_and_clip(max_norm)
         loss_sum, moe = self.layout.reduce_step_stats(loss_sum, moe)
         loss_value = loss_sum.item() / denom
         (routed, aux_sum, dropped), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
         # every rank holds its router group's aux value: the mean over all ranks is the step's aux loss
         aux_value = aux_sum / (micro_per_rank * world)
-        # Finish the gradient sync first (overlapped all-reduces may be in flight), then judge; no rank steps.
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = self.layout.sync_and_clip(max_norm)
         if not math.isfinite(loss_value) or not math.isfinite(aux_value):
             raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")
