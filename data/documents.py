@@ -8,6 +8,11 @@ epoch when one ends.
   so a position is reached in O(1).
 - `StreamedDocuments` (`IterableDataset`): the stream's own order (optionally through datasets'
   seeded shuffle buffer); a position is reached by skipping that many documents.
+
+Both can read one part of a corpus split into `parts` disjoint ones (the sub-streams of
+data.streams): part p of a map-style corpus holds the documents i with i % parts == p, shuffled
+on their own; a stream is split by `datasets.distributed.split_dataset_by_node` (whole shards when
+their number divides `parts`, else every parts-th document). Positions then count within the part.
 """
 
 from __future__ import annotations
@@ -27,43 +32,56 @@ def _as_text(value, text_field: str) -> str:
     return value
 
 
+def _check_part(part: int, parts: int) -> None:
+    if not 0 <= part < parts:
+        raise ValueError(f"data: part {part} does not exist in a corpus split into {parts}")
+
+
 class ShuffledDocuments:
-    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool = True):
+    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool = True, part: int = 0, parts: int = 1):
+        _check_part(part, parts)
         self.dataset = dataset
         self.text_field = text_field
         self.seed = seed
         self.shuffle = shuffle
-        self.num_documents = len(dataset)
+        self.part, self.parts = part, parts
+        self.num_documents = len(dataset)  # the whole corpus's, so a checkpoint of another corpus is refused
+        self.part_documents = len(range(part, self.num_documents, parts))
+        if self.part_documents == 0:
+            raise ConfigError(f"data.streams={parts}: the corpus has only {self.num_documents} documents, "
+                              f"fewer than the sub-streams")
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset rows of the part in the order of `epoch`."""
         if self._order_epoch != epoch:
+            order = np.arange(self.part_documents)
             if self.shuffle:
                 # Sorting raw PCG64 output (a stream numpy keeps stable across versions) rather than
-                # Generator.permutation, whose algorithm numpy does not promise to keep.
-                keys = np.random.PCG64(np.random.SeedSequence([self.seed, epoch])).random_raw(self.num_documents)
-                self._order = np.argsort(keys, kind="stable")
-            else:
-                self._order = np.arange(self.num_documents)
+                # Generator.permutation, whose algorithm numpy does not promise to keep. Each part has its
+                # own order, so that parts do not read neighbouring documents at the same time.
+                seed = np.random.SeedSequence([self.seed, epoch, self.part])
+                order = np.argsort(np.random.PCG64(seed).random_raw(self.part_documents), kind="stable")
+            self._order = self.part + self.parts * order
             self._order_epoch = epoch
         return self._order
 
     def seek(self, epoch: int, index: int) -> None:
-        if not 0 <= index < self.num_documents:
-            raise ValueError(f"data: document index {index} is outside this corpus of {self.num_documents}")
+        if not 0 <= index < self.part_documents:
+            raise ValueError(f"data: document index {index} is outside this corpus part of {self.part_documents}")
         self.epoch, self.index = epoch, index
 
     def read(self, count: int) -> list[tuple[int, int, str]]:
         found = []
         while len(found) < count:
             order = self._epoch_order(self.epoch)
-            stop = min(self.num_documents, self.index + count - len(found))
+            stop = min(self.part_documents, self.index + count - len(found))
             rows = [int(i) for i in order[self.index:stop]]
             texts = self.dataset[rows][self.text_field]
             found += [(self.epoch, self.index + k, _as_text(t, self.text_field)) for k, t in enumerate(texts)]
             self.index = stop
-            if self.index == self.num_documents:
+            if self.index == self.part_documents:
                 self.epoch, self.index = self.epoch + 1, 0
         return found
 
@@ -71,19 +89,23 @@ class ShuffledDocuments:
 class StreamedDocuments:
     num_documents = None  # unknown without reading the whole stream
 
-    def __init__(self, dataset, text_field: str, seed: int, shuffle_buffer: int = 0):
-        self.dataset = dataset
+    def __init__(self, dataset, text_field: str, seed: int, shuffle_buffer: int = 0, part: int = 0, parts: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        _check_part(part, parts)
         self.text_field = text_field
         self.seed = seed
         self.shuffle_buffer = int(shuffle_buffer or 0)
+        self.part, self.parts = part, parts
+        if self.shuffle_buffer > 0:  # one seed for all parts: they must see the same shard order to split it
+            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        self.dataset = split_dataset_by_node(dataset, rank=part, world_size=parts) if parts > 1 else dataset
         self.seek(0, 0)
 
     def _epoch_iterator(self, epoch: int):
-        dataset = self.dataset
         if self.shuffle_buffer > 0:
-            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            dataset.set_epoch(epoch)  # datasets reshuffles with seed + epoch
-        return iter(dataset)
+            self.dataset.set_epoch(epoch)  # datasets reshuffles with seed + epoch
+        return iter(self.dataset)
 
     def seek(self, epoch: int, index: int) -> None:
         self.epoch, self.index = epoch, index
@@ -99,7 +121,7 @@ class StreamedDocuments:
             row = next(self._rows, None)
             if row is None:
                 if self.index == 0:
-                    raise ConfigError("data.path: the streamed dataset holds no documents")
+                    raise ConfigError(self._empty_message())
                 self.seek(self.epoch + 1, 0)
                 continue
             if self.text_field not in row:
@@ -108,3 +130,9 @@ class StreamedDocuments:
             found.append((self.epoch, self.index, _as_text(row[self.text_field], self.text_field)))
             self.index += 1
         return found
+
+    def _empty_message(self) -> str:
+        if self.parts > 1:
+            return (f"data.streams={self.parts}: sub-stream {self.part} of the streamed dataset holds no "
+                    f"documents (the stream has fewer documents than sub-streams)")
+        return "data.path: the streamed dataset holds no documents"

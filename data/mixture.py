@@ -2,8 +2,10 @@
 
 Each source is its own `WindowStream`, typically one corpus split into short / medium / long
 document buckets with `min_doc_tokens` / `max_doc_tokens`. Every window comes whole from one
-source, chosen by a seeded draw; the draw is a function of (seed, draw number), so the mixture's
-state is just the draw count, the weights and each source's state. Between stages the trainer moves
+source, chosen by a seeded draw; the draw is a function of (seed, part, draw number), so the mixture's
+state is just the draw count, the weights and each source's state. `part` is the sub-stream's number
+(`data.substreams`): every sub-stream draws its own sequence, so the windows of one global batch do not
+all come from the same source. Between stages the trainer moves
 the weights linearly with `interpolate_weights` and `set_weights`.
 """
 
@@ -38,12 +40,12 @@ def interpolate_weights(start: Mapping[str, float], end: Mapping[str, float], fr
 class MixtureStream:
     """next_window() from one of `streams`, picked with probability proportional to its weight."""
 
-    def __init__(self, streams: Mapping, weights: Mapping[str, float], seed: int = 0):
+    def __init__(self, streams: Mapping, weights: Mapping[str, float], seed: int = 0, part: int = 0):
         if not streams:
             raise ConfigError("data.mixture: no sources")
         self.streams = dict(streams)
         self.names = list(self.streams)
-        self.seed = int(seed)
+        self.seed, self.part = int(seed), int(part)
         self.draws = 0
         self.counts = {name: 0 for name in self.names}
         self.last_source = None
@@ -53,8 +55,8 @@ class MixtureStream:
         self.weights = normalized_weights(weights, self.names)
 
     def _choose(self) -> str:
-        # A uniform number from the raw PCG64 stream of (seed, draw number): stable across numpy versions.
-        raw = int(np.random.PCG64(np.random.SeedSequence([self.seed, self.draws])).random_raw())
+        # A uniform number from the raw PCG64 stream of (seed, part, draw number): stable across numpy versions.
+        raw = int(np.random.PCG64(np.random.SeedSequence([self.seed, self.part, self.draws])).random_raw())
         u = (raw >> 11) * 2.0**-53
         cumulative = np.cumsum([self.weights[n] for n in self.names])
         pick = min(int(np.searchsorted(cumulative, u, side="right")), len(self.names) - 1)

@@ -8,7 +8,8 @@ document's EOS, whose next token belongs to another document.
 
 Documents are tokenized lazily, a batch at a time, so a big corpus is never tokenized up front. The
 loader position is (epoch, document index, token offset) of the next window's first token, so
-`load_state_dict` rebuilds exactly the next windows, whatever `seq_len` is then.
+`load_state_dict` rebuilds exactly the next windows, whatever `seq_len` is then. A stream can pack one
+part of a corpus split into `parts` (`data.documents`): the sub-streams of `data.substreams`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from data.corpus import load_corpus
 from data.documents import ShuffledDocuments, StreamedDocuments
-from data.errors import ConfigError
+from data.errors import ConfigError, positive_int
 
 IGNORE_INDEX = -100
 
@@ -35,43 +36,43 @@ class _TokenizedDocument:
     tokens: np.ndarray  # int32, EOS last
 
 
-def _positive_int(value, setting: str, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
-        raise ConfigError(f"{setting}: must be a {'non-negative' if allow_zero else 'positive'} integer, "
-                          f"got {value!r}")
-    return int(value)
-
-
 class WindowStream:
     """An endless, deterministic, resumable stream of packed windows.
 
     source: the `data` config (a mapping with source, path, name, split, streaming, text_field, and
     optional shuffle, shuffle_buffer, sample_by, min_doc_tokens, max_doc_tokens), or an already
     opened `datasets.Dataset` / `IterableDataset` with a "text" column.
+    corpus: the config's corpus already opened (`load_corpus(source)`), so that many parts share it.
     Documents whose token count (EOS excluded) is outside [min_doc_tokens, max_doc_tokens) are
     skipped, which is how the short/medium/long buckets of a long-context mixture are made.
     """
 
-    def __init__(self, source, tokenizer, seq_len: int, seed: int = 0, *, tokenize_batch: int = 256):
+    def __init__(self, source, tokenizer, seq_len: int, seed: int = 0, *, corpus=None, part: int = 0,
+                 parts: int = 1, tokenize_batch: int = 256):
         from datasets import Dataset, IterableDataset
 
-        self.seq_len = _positive_int(seq_len, "seq_len")
-        self.seed = _positive_int(seed, "data.seed", allow_zero=True)
+        self.seq_len = positive_int(seq_len, "seq_len")
+        self.seed = positive_int(seed, "data.seed", allow_zero=True)
         self.tokenizer = tokenizer
-        self.tokenize_batch = _positive_int(tokenize_batch, "tokenize_batch")
+        self.tokenize_batch = positive_int(tokenize_batch, "tokenize_batch")
         opened = isinstance(source, (Dataset, IterableDataset))
         cfg = {} if opened else source
         text_field = cfg.get("text_field", "text") or "text"
-        self.min_doc_tokens = _positive_int(cfg.get("min_doc_tokens") or 0, "data.min_doc_tokens", True)
+        self.min_doc_tokens = positive_int(cfg.get("min_doc_tokens") or 0, "data.min_doc_tokens", True)
         max_doc_tokens = cfg.get("max_doc_tokens")
         if max_doc_tokens is not None:
-            max_doc_tokens = _positive_int(max_doc_tokens, "data.max_doc_tokens")
+            max_doc_tokens = positive_int(max_doc_tokens, "data.max_doc_tokens")
         self.max_doc_tokens = max_doc_tokens
-        dataset = source if opened else load_corpus(cfg)
-        if isinstance(dataset, IterableDataset):
-            self._documents = StreamedDocuments(dataset, text_field, self.seed, cfg.get("shuffle_buffer", 0))
+        if opened:
+            dataset = source
         else:
-            self._documents = ShuffledDocuments(dataset, text_field, self.seed, cfg.get("shuffle") is not False)
+            dataset = corpus if corpus is not None else load_corpus(cfg)
+        if isinstance(dataset, IterableDataset):
+            self._documents = StreamedDocuments(dataset, text_field, self.seed, cfg.get("shuffle_buffer", 0),
+                                                part, parts)
+        else:
+            self._documents = ShuffledDocuments(dataset, text_field, self.seed, cfg.get("shuffle") is not False,
+                                                part, parts)
         self._reset_buffer(epoch=0)
         self._docs_seen, self._tokens_seen = 0, 0  # for the read-ahead size only
 
@@ -118,10 +119,12 @@ class WindowStream:
                 self._last_accepted_epoch = epoch
 
     def _nothing_accepted_message(self) -> str:
+        parts = self._documents.parts
+        where = f" in sub-stream {self._documents.part} of data.streams={parts}" if parts > 1 else ""
         if self.min_doc_tokens or self.max_doc_tokens is not None:
-            return (f"data.min_doc_tokens/max_doc_tokens: no document has a token count in "
+            return (f"data.min_doc_tokens/max_doc_tokens: no document{where} has a token count in "
                     f"[{self.min_doc_tokens}, {self.max_doc_tokens})")
-        return "data.path: every document is empty after tokenization"
+        return f"data.path: every document{where} is empty after tokenization"
 
     # -- windows -----------------------------------------------------------------------------
 

@@ -1,30 +1,58 @@
-"""`build_stream`: the trainer's one call from the `data` config to a stream of windows."""
+"""`DataSource`: the `data` config checked and its corpora opened once; it builds the sub-streams.
+
+The corpus is split into `data.streams` disjoint sub-streams (`data.documents`), each packed into windows
+on its own; `data.substreams` says which of them a data-parallel rank reads. `build_stream` is the whole
+corpus as one stream.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from data.errors import ConfigError
-from data.mixture import MixtureStream
+from data.corpus import load_corpus
+from data.errors import ConfigError, positive_int
+from data.mixture import MixtureStream, normalized_weights
 from data.packing import WindowStream
 
 
-def build_stream(data_cfg: Mapping, tokenizer, seq_len: int):
-    """A `WindowStream`, or a `MixtureStream` when `data.mixture` names sources.
+class DataSource:
+    """Sub-stream `part` of `num_streams` (a `WindowStream`, or a `MixtureStream` when `data.mixture` names
+    sources) from `stream(part)`.
 
-    `data.mixture` maps a source name to the settings it overrides on top of `data` plus its
-    `weight`, e.g. `short: {max_doc_tokens: 32768, weight: 0.3}`.
+    `data.mixture` maps a source name to the settings it overrides on top of `data` plus its `weight`, e.g.
+    `short: {max_doc_tokens: 32768, weight: 0.3}`. Every setting is checked here, so that a bad one fails
+    before any work; `data.streams` (default 1: the whole corpus in one stream) is the number of sub-streams.
     """
-    seed = data_cfg.get("seed", 0) or 0
-    mixture = data_cfg.get("mixture")
-    if not mixture:
-        return WindowStream(data_cfg, tokenizer, seq_len, seed=seed)
-    base = {k: v for k, v in data_cfg.items() if k != "mixture"}
-    streams, weights = {}, {}
-    for name, overrides in mixture.items():
-        if not isinstance(overrides, Mapping) or "weight" not in overrides:
-            raise ConfigError(f"data.mixture.{name}: expected a mapping with a weight, got {overrides!r}")
-        source_cfg = {**base, **{k: v for k, v in overrides.items() if k != "weight"}}
-        streams[name] = WindowStream(source_cfg, tokenizer, seq_len, seed=seed)
-        weights[name] = overrides["weight"]
-    return MixtureStream(streams, weights, seed=seed)
+
+    def __init__(self, data_cfg: Mapping, tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.seed = data_cfg.get("seed", 0) or 0
+        self.num_streams = positive_int(data_cfg.get("streams", 1), "data.streams")
+        base = {k: v for k, v in data_cfg.items() if k not in ("mixture", "streams")}
+        mixture = data_cfg.get("mixture")
+        self.configs, self.weights = {"": base}, None
+        if mixture:
+            self.configs, self.weights = {}, {}
+            for name, overrides in mixture.items():
+                if not isinstance(overrides, Mapping) or "weight" not in overrides:
+                    raise ConfigError(f"data.mixture.{name}: expected a mapping with a weight, got {overrides!r}")
+                self.configs[name] = {**base, **{k: v for k, v in overrides.items() if k != "weight"}}
+                self.weights[name] = overrides["weight"]
+            normalized_weights(self.weights, list(self.configs))
+        self.corpora = {name: load_corpus(cfg) for name, cfg in self.configs.items()}
+        self.stream(self.num_streams - 1)  # the smallest part: checks the remaining settings (nothing is read)
+
+    def _window_stream(self, name: str, part: int) -> WindowStream:
+        return WindowStream(self.configs[name], self.tokenizer, self.seq_len, seed=self.seed,
+                            corpus=self.corpora[name], part=part, parts=self.num_streams)
+
+    def stream(self, part: int):
+        if self.weights is None:
+            return self._window_stream("", part)
+        return MixtureStream({name: self._window_stream(name, part) for name in self.configs}, self.weights,
+                             seed=self.seed, part=part)
+
+
+def build_stream(data_cfg: Mapping, tokenizer, seq_len: int):
+    """The whole corpus as one stream (`data.streams` ignored): a `WindowStream` or a `MixtureStream`."""
+    return DataSource({k: v for k, v in data_cfg.items() if k != "streams"}, tokenizer, seq_len).stream(0)

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from data.packing import IGNORE_INDEX
+from data import ConfigError as DataConfigError
+from data import RankStreams, StepPrefetcher
 from kernels.cu_seqlens import remember_cu_seqlens
 
+from .config import ConfigError
 from .distributed import DistEnv
 from .logger import say
 from .metrics import peak_memory_gib, throughput
@@ -58,14 +61,19 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """The loop over optimizer steps; `layout` (trainer.layout) owns the model, optimizer and communication."""
+    """The loop over optimizer steps; `layout` (trainer.layout) owns the model, optimizer and communication.
+
+    `stream` is the run's `data.DataSource`: this DP rank reads its sub-streams of it (`data.substreams`) in a
+    background thread, two steps ahead (`data.prefetch`); `run` stops the thread when it ends.
+    """
 
     def __init__(self, *, cfg, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None, layout,
                  stream, collate, lr_schedule: LRSchedule, batch_schedule: BatchSchedule, logger,
                  flops_per_token: float, peak_tflops: float, ckpt_root: Path, config_yaml: str):
         self.cfg, self.env, self.device, self.autocast_dtype = cfg, env, device, autocast_dtype
         self.layout, self.model, self.optimizer = layout, layout.model, layout.optimizer
-        self.stream, self.collate = stream, collate
+        self.data = StepPrefetcher(RankStreams(stream, layout.dp, layout.dp_rank, layout.dp_group))
+        self.collate = collate
         self.lr_schedule, self.batch_schedule, self.logger = lr_schedule, batch_schedule, logger
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.ckpt_root, self.config_yaml = Path(ckpt_root), config_yaml
@@ -81,7 +89,7 @@ class Trainer:
         return {
             "scheduler": {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
                           "lr": self.optimizer.param_groups[0]["lr"]},
-            "data": self.stream.state_dict(),
+            "data": self.data.state_dict(),  # every sub-stream's position, gathered over the DP group
             "rng": rng_state(),
             "trainer": {"step": self.state.step, "tokens_seen": self.state.tokens_seen},
         }
@@ -89,7 +97,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Resume from checkpoint folder `path`, written under this or any other layout."""
         state = self.layout.load_checkpoint(path)
-        self.stream.load_state_dict(state["data"])
+        self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.state = TrainState(**state["trainer"])
         self.saved_step = self.state.step
@@ -102,20 +110,39 @@ class Trainer:
         self.saved_step = self.state.step
 
     # ---- one optimizer step -----------------------------------------------------------------------------
+    def _global_windows_per_step(self, tokens_seen: int):
+        """The global batch's window count of every step from the one after `tokens_seen` tokens on."""
+        while True:
+            batch = self.batch_schedule.global_batch_tokens(tokens_seen)
+            yield batch // self.seq_len
+            tokens_seen += batch
+
+    def _global_count(self, local: int) -> int:
+        """Sum over the DP replicas (each counts its own windows; TP/CP ranks of a replica hold the same ones)."""
+        if self.layout.dp == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
+        dist.all_reduce(count, group=self.layout.dp_group)
+        return int(count.item())
+
     def _next_micro_batches(self, micro_per_rank: int) -> tuple[list[dict], int]:
         """This replica's micro-batches of the step, and the label tokens of the whole global batch.
 
-        Every rank reads the same global stream and keeps its DP slice (all TP/CP ranks of a replica the same
-        one), so the global batch (and the checkpointed data position) does not depend on the layout, and every
-        rank counts the global batch's labels without a collective."""
+        Window g of the run comes from sub-stream g % data.streams and goes to DP rank g % dp (all TP/CP ranks
+        of a replica read the same windows), so the global batch and the saved data position do not depend on
+        the layout, and a rank reads only its own windows."""
+        if not self.data.running:
+            self.data.start(self._global_windows_per_step(self.state.tokens_seen))
+        try:
+            mine = self.data.next_step()
+        except DataConfigError as exc:  # a setting that reading shows wrong, e.g. a length filter nothing passes
+            raise ConfigError(str(exc)) from None
         per_rank = micro_per_rank * self.micro_batch_size
-        windows = [self.stream.next_window() for _ in range(per_rank * self.layout.dp)]
-        label_tokens = sum(int((w["labels"] != IGNORE_INDEX).sum()) for w in windows)
-        start = self.layout.dp_rank * per_rank
-        mine = windows[start:start + per_rank]
+        if len(mine) != per_rank:
+            raise RuntimeError(f"data: read {len(mine)} windows for this rank's step, it needs {per_rank}")
         micro_batches = [self.collate(mine[i:i + self.micro_batch_size])
                          for i in range(0, per_rank, self.micro_batch_size)]
-        return micro_batches, label_tokens
+        return micro_batches, self._global_count(sum(mb["num_tokens"] for mb in micro_batches))
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -203,10 +230,13 @@ class Trainer:
         every = int(self.cfg.trainer.checkpoint.every)
         if self.state.step >= total and self.env.is_main:
             say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
-        while self.state.step < total:
-            metrics = self.train_step()
-            self.logger.log_step(metrics)
-            if every and self.state.step % every == 0:
+        try:
+            while self.state.step < total:
+                metrics = self.train_step()
+                self.logger.log_step(metrics)
+                if every and self.state.step % every == 0:
+                    self.save()
+            if self.cfg.trainer.checkpoint.at_end and self.saved_step != self.state.step:
                 self.save()
-        if self.cfg.trainer.checkpoint.at_end and self.saved_step != self.state.step:
-            self.save()
+        finally:
+            self.data.stop()

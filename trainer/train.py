@@ -76,7 +76,7 @@ def plan_run(cfg, env: DistEnv) -> Plan:
         dtype = "bf16" if device.type == "cuda" else "fp32"
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
-    from data import build_stream, build_tokenizer, collate_windows
+    from data import DataSource, build_tokenizer, check_streams, collate_windows
 
     try:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -88,8 +88,9 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     if cfg.stage.get("mixture") is not None:  # a long-context stage draws its windows from its own mixture
         cfg.data.mixture = cfg.stage.mixture
     try:
-        # every rank reads the same stream (seeded by data.seed) and keeps its slice of each global batch
-        stream = build_stream(cfg.data, tokenizer, seq_len)
+        # the corpus is split into data.streams sub-streams; each DP rank reads its share (data.substreams)
+        check_streams(cfg.data.streams, layout.dp)
+        stream = DataSource(cfg.data, tokenizer, seq_len)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise _data_error(exc) from None
 

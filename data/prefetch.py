@@ -1,0 +1,89 @@
+"""`StepPrefetcher`: a background thread that reads this rank's windows of the coming steps.
+
+Reading, tokenizing (the tokenizers library releases the GIL) and packing run while the training thread
+computes, `depth` steps ahead, so a step does not wait for its windows once the reader keeps up. The
+read-ahead never reaches a checkpoint: `state_dict` is the position after the steps handed out. An exception
+in the thread is raised again, the same object, by the `next_step` that would have received its step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+
+from data.substreams import RankStreams
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class StepPrefetcher:
+    def __init__(self, streams: RankStreams, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"data: prefetch depth must be at least 1, got {depth}")
+        self.streams, self.depth = streams, depth
+        self._position = streams.state_dict()  # after the steps handed out
+        self._ahead = False  # the streams may have read past _position (a thread ran since)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, step_windows: Iterable[int]) -> None:
+        """Read the steps ahead whose global window counts `step_windows` yields, from the current position."""
+        self.stop()
+        if self._ahead:
+            self.streams.load_state_dict(self._position)
+        self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(iter(step_windows), self._queue, self._stop),
+                                        name="data-prefetch", daemon=True)
+        self._thread.start()
+        self._ahead = True
+
+    def _read(self, step_windows, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for count in step_windows:
+                if stop.is_set():
+                    return
+                out.put((self.streams.read(count), self.streams.state_dict()))
+            out.put(_Failure(RuntimeError("data: the prefetcher ran out of planned steps")))
+        except BaseException as error:  # noqa: BLE001 -- handed to the training thread
+            out.put(_Failure(error))
+
+    def next_step(self) -> list[dict]:
+        """This rank's windows of the next step (waits while the thread reads them)."""
+        if self._thread is None:
+            raise RuntimeError("data: next_step before start")
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            self._thread.join()
+            self._thread = None
+            raise item.error
+        windows, self._position = item
+        return windows
+
+    def stop(self) -> None:
+        """Stop and join the thread; what it read ahead is dropped (a later `start` reads it again)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while True:  # free the slot a blocked put waits for; the thread checks the stop flag before reading on
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+        self._thread = None
+
+    def state_dict(self) -> dict:
+        """The position after the steps handed out, of every sub-stream: collective over the DP group."""
+        return self.streams.gather(self._position)
+
+    def load_state_dict(self, state) -> None:
+        self.stop()
+        self.streams.load_state_dict(state)
+        self._position, self._ahead = self.streams.state_dict(), False
