@@ -1,7 +1,8 @@
 """`StepPrefetcher`: a background thread that reads this rank's windows of the coming steps.
 
 Reading, tokenizing (the tokenizers library releases the GIL) and packing run while the training thread
-computes, `depth` steps ahead, so a step does not wait for its windows once the reader keeps up. The
+computes, at most `depth` steps ahead of the step handed out last (while step k trains, steps k+1..k+depth
+are read), so a step does not wait for its windows once the reader keeps up. The
 read-ahead never reaches a checkpoint: `state_dict` is the position after the steps handed out. An exception
 in the thread is raised again, the same object, by the `next_step` that would have received its step.
 """
@@ -38,15 +39,16 @@ class StepPrefetcher:
         self.stop()
         if self._ahead:
             self.streams.load_state_dict(self._position)
-        self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(iter(step_windows), self._queue, self._stop),
-                                        name="data-prefetch", daemon=True)
+        self._queue, self._stop, self._slots = queue.Queue(), threading.Event(), threading.Semaphore(self.depth)
+        self._thread = threading.Thread(target=self._read, name="data-prefetch", daemon=True,
+                                        args=(iter(step_windows), self._queue, self._stop, self._slots))
         self._thread.start()
         self._ahead = True
 
-    def _read(self, step_windows, out: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, step_windows, out: queue.Queue, stop: threading.Event, slots: threading.Semaphore) -> None:
         try:
             for count in step_windows:
+                slots.acquire()  # a step read ahead of the training thread
                 if stop.is_set():
                     return
                 out.put((self.streams.read(count), self.streams.state_dict()))
@@ -64,6 +66,7 @@ class StepPrefetcher:
             self._thread = None
             raise item.error
         windows, self._position = item
+        self._slots.release()
         return windows
 
     def stop(self) -> None:
@@ -71,11 +74,7 @@ class StepPrefetcher:
         if self._thread is None:
             return
         self._stop.set()
-        while True:  # free the slot a blocked put waits for; the thread checks the stop flag before reading on
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._slots.release()  # wakes a thread waiting for a slot; it checks the stop flag before reading on
         self._thread.join()
         self._thread = None
 
