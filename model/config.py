@@ -91,7 +91,7 @@ class ModelConfig:
         """Per-head decay rate s_h of lightning layer `layer` (HF's form); lambda_h = exp(-s_h)."""
         import torch
 
-        h = torch.arange(self.num_heads, dtype=torch.float64) + 1
+        h = torch.arange(self.num_heads, dtype=torch.float64, device="cpu") + 1  # also under a meta device
         base = 2.0 ** (-8.0 * h / self.num_heads)
         factor = 1 - layer / (self.num_layers - 1 + 1e-5) + 1e-5
         return base * factor

@@ -1,6 +1,5 @@
 """The MiniMax-01 hybrid decoder: embedding, DeepNorm decoder layers (lightning or softmax mixer + MoE), LM head."""
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import LightningAttention, SoftmaxAttention
 from .config import ModelConfig
+from .init import init_block_
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import positions_from_cu_seqlens
@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
 
 
 class MiniMaxForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, recompute: bool = False):
+    def __init__(self, cfg: ModelConfig, recompute: bool = False, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.recompute = recompute  # activation checkpointing per decoder layer
@@ -61,31 +61,13 @@ class MiniMaxForCausalLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self):
-        """Xavier normal; DeepNorm's (8N)^-0.25 is the gain of value, output and FFN projections."""
-        beta = (8 * self.cfg.num_layers) ** -0.25
-
-        def xavier(w, gain, fan_in, fan_out):
-            w.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))
-
-        nn.init.normal_(self.embed_tokens.weight, 0.0, self.cfg.init_std)
+    def init_weights(self, seed: int = 0):
+        """The logical initialisation of `model.init` (the same weights a parallel layout's shards hold)."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:  # norm weights
-                p.fill_(1.0)
-            elif name.endswith(("experts.w_gate", "experts.w_up", "w_down")):
-                for e in range(p.shape[0]):
-                    xavier(p[e], beta, p.shape[1], p.shape[2])
-            elif name.endswith("qkv_proj.weight"):  # per head [q | k | v]: only the value slice gets beta
-                qkv = p.view(self.cfg.num_heads, 3, self.cfg.head_dim, -1)
-                for j, gain in enumerate((1.0, 1.0, beta)):
-                    xavier(qkv[:, j], gain, p.shape[1], self.cfg.q_dim)
-            elif name.endswith(("v_proj.weight", "o_proj.weight", "out_proj.weight")):
-                xavier(p, beta, p.shape[1], p.shape[0])
-            elif p.ndim == 2 and "embed_tokens" not in name:
-                xavier(p, 1.0, p.shape[1], p.shape[0])
+            init_block_(p.data, self.cfg, name, tuple(p.shape), (0,) * p.ndim, seed)
 
     def hidden_states(self, input_ids, cu_seqlens, positions=None):
         if positions is None:

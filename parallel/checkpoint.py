@@ -1,10 +1,13 @@
-"""Layout-independent checkpoints with torch.distributed.checkpoint (DCP).
+"""Layout-independent checkpoints of shards only, with torch.distributed.checkpoint (DCP).
 
-Every parameter and its AdamW moments are saved as the full logical tensor: a rank's TP/EP shard becomes a
-DTensor with `Shard(dim)` placements over its groups, so DCP records global offsets, writes each shard once
-(DP replicas are de-duplicated) and, on load, reads exactly the pieces the new layout needs. ZeRO-1 shards are
-first gathered to whole (TP-local) parameters (`ZeroAdamW.full_state`). Loading works for any layout, also a
-single process without torch.distributed. Keys are the model's parameter names, which `parallelize` keeps.
+Keys are the model's parameter names (which `parallelize` keeps) under `model/` (the fp32 master weights),
+`exp_avg/` and `exp_avg_sq/` (AdamW's moments). Each rank writes and reads only the elements its distributed
+optimizer owns: its slice of every bucket, which is a flat range of some parameters' blocks, is cut into
+rectangular pieces of the logical tensors (`flat_range_boxes`) with their global offsets, so DCP records
+where every piece belongs, writes each once (replicas are de-duplicated) and, on load under any other layout,
+reads exactly the pieces that overlap what the rank owns there. Nothing is gathered; the only copies are
+DCP's own (at most the pieces of one write). Without an optimizer (export, evaluation) a rank reads its
+parameters' whole blocks. Loading works for any layout, also a single process without torch.distributed.
 
 Layout of a checkpoint folder: DCP's `.metadata` + `__<rank>_<n>.distcp`, `extra.pt` (the caller's picklable
 dict, from rank 0), `layout.json` (informative), and the `complete` marker, written last.
@@ -14,20 +17,21 @@ dict, from rank 0), `layout.json` (informative), and the `complete` marker, writ
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from .atomic_folder import MARKER, begin_folder, finish_folder, fsync_file, temp_folder
+from .shard import spec_of
 
 EXTRA_FILE = "extra.pt"
-MOMENTS = ("exp_avg", "exp_avg_sq")
-_MESHES: dict = {}
 
 
 def _initialized() -> bool:
@@ -43,69 +47,116 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def shard_spec(param, topo) -> tuple:
-    """((dim, group name), ...) of the groups this parameter is split over (groups of one dropped)."""
-    spec = getattr(param, "shard_spec", None)
-    if spec is None:
-        dim = getattr(param, "tp_partition_dim", None)
-        spec = () if dim is None else ((dim, "tp"),)
-    return tuple((d, g) for d, g in spec if topo is not None and topo.size(g) > 1)
+def flat_range_boxes(shape: tuple, start: int, stop: int) -> list[tuple[tuple, tuple]]:
+    """(offsets, sizes) of the boxes whose row-major element ranges tile [start, stop) of a `shape` tensor,
+    in order: at most a partial row, full rows, a partial row at every level."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [((), ())]
+    inner = math.prod(shape[1:])
+    boxes, row = [], start // inner
+    if start % inner:  # the head of a partial first row
+        end = min(stop, (row + 1) * inner)
+        boxes += [((row, *o), (1, *s)) for o, s in flat_range_boxes(shape[1:], start - row * inner, end - row * inner)]
+        start, row = end, row + 1
+    full = stop // inner - row
+    if full > 0:
+        boxes.append(((row, *([0] * (len(shape) - 1))), (full, *shape[1:])))
+        start, row = start + full * inner, row + full
+    if start < stop:  # the tail of a partial last row
+        boxes += [((row, *o), (1, *s)) for o, s in flat_range_boxes(shape[1:], 0, stop - start)]
+    return boxes
 
 
-def _mesh(names: tuple, topo, device_type: str) -> DeviceMesh:
-    key = (names, tuple(tuple(topo.ranks[n]) for n in names), device_type)
-    if key not in _MESHES:
-        if len(names) == 1:
-            _MESHES[key] = DeviceMesh.from_group(topo.groups[names[0]], device_type)
-        elif names == ("ep", "etp"):  # folding: ETP index fastest inside the EP x ETP group
-            ranks = torch.tensor(topo.ranks["ep_etp"]).view(topo.ep, topo.etp)
-            _MESHES[key] = DeviceMesh.from_group([topo.groups["ep"], topo.groups["etp"]], device_type,
-                                                 mesh=ranks, mesh_dim_names=("ep", "etp"))
-        else:
-            raise NotImplementedError(f"checkpoint: sharding over groups {names} is not supported")
-    return _MESHES[key]
+class Blocks:
+    """The pieces of one logical tensor this rank holds, in DCP's checkpointable-object protocol."""
+
+    def __init__(self, shape: tuple, pieces: list[tuple[tuple, torch.Tensor]]):
+        self.shape, self.pieces = torch.Size(shape), {torch.Size(o): t for o, t in pieces}
+
+    def __create_write_items__(self, fqn: str, obj):
+        return [WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(ChunkStorageMetadata(o, t.shape),
+                                                      TensorProperties(dtype=t.dtype), self.shape))
+                for o, t in self.pieces.items()]
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(o, t.shape) for o, t in self.pieces.items()]
+
+    def piece(self, offset) -> torch.Tensor:
+        return self.pieces[torch.Size(offset)]
 
 
-def _to_global(local: torch.Tensor, spec: tuple, topo):
-    if not spec:
-        return local
-    shape = list(local.shape)
-    for d, g in spec:
-        shape[d] *= topo.size(g)
-    stride = torch.empty(shape, device="meta").stride()
-    mesh = _mesh(tuple(g for _, g in spec), topo, local.device.type)
-    return DTensor.from_local(local, mesh, [Shard(d) for d, _ in spec], run_check=False,
-                              shape=torch.Size(shape), stride=stride)
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex):
+        obj = self.state_dict[index.fqn]
+        return obj.piece(index.offset) if isinstance(obj, Blocks) else super().lookup_object(index)
 
 
-def _state(model, optimizer, topo, fresh: bool) -> tuple[dict, dict]:
-    """DCP state dict (global view) and, per key, the local tensor behind it. `fresh`: empty tensors to load into."""
-    sd: dict = {"model": {}}
-    local: dict = {}
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        t = torch.empty_like(p.data) if fresh else p.data
-        local[("model", name)] = t
-        sd["model"][name] = _to_global(t, shard_spec(p, topo), topo)
-    if optimizer is not None:
-        full, step = ({}, 0) if fresh else optimizer.full_state()
-        sd["optim"] = {"step": torch.tensor(step)}
-        for key in MOMENTS:
-            sd["optim"][key] = {}
-            for name, p in params.items():
-                t = torch.zeros_like(p.data) if fresh else full[p][key]
-                local[(key, name)] = t
-                sd["optim"][key][name] = _to_global(t, shard_spec(p, topo), topo)
-    return sd, local
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # The default first re-creates meta tensors in place, which drops objects it does not know (Blocks);
+        # our state dict is flat and holds no meta tensors.
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def lookup_tensor(self, index: MetadataIndex):
+        obj = self.state_dict[index.fqn]
+        return obj.piece(index.offset) if isinstance(obj, Blocks) else super().lookup_tensor(index)
+
+
+def _pieces(spec, flat: torch.Tensor, start: int, stop: int) -> list[tuple[tuple, torch.Tensor]]:
+    """Elements [start, stop) of a parameter's block, held in `flat`, as (global offset, view) pieces."""
+    out, at = [], 0
+    for offsets, sizes in flat_range_boxes(spec.local_shape, start, stop):
+        n = math.prod(sizes)
+        out.append((tuple(o + g for o, g in zip(offsets, spec.offsets)), flat[at:at + n].view(sizes)))
+        at += n
+    return out
+
+
+def _state(model, optimizer) -> dict:
+    """DCP state dict of this rank's elements: views of the tensors a load writes into in place."""
+    sd: dict = {}
+    if optimizer is None:  # the parameters' whole blocks
+        for name, p in model.named_parameters():
+            sd[f"model/{name}"] = Blocks(spec_of(p).shape, _pieces(spec_of(p), p.data.view(-1), 0, p.numel()))
+        return sd
+    sd["optim/step"] = torch.tensor(optimizer.step_count)
+    for b, master, moments in optimizer.slices():
+        lo, hi = b.shard
+        for name, p, o in zip(b.names, b.params, b.offsets):
+            start, stop = max(lo, o), min(hi, o + p.numel())
+            if start >= stop:
+                continue
+            spec = spec_of(p)
+            for key, flat in (("model", master), *moments.items()):
+                sd.setdefault(f"{key}/{name}", Blocks(spec.shape, []))
+                sd[f"{key}/{name}"].pieces.update(
+                    (torch.Size(g), t) for g, t in _pieces(spec, flat[start - lo:stop - lo], start - o, stop - o))
+    return sd
+
+
+def _check_shapes(directory: Path, model) -> None:
+    """A checkpoint of another model fails here, naming the first parameter that differs."""
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    for name, p in model.named_parameters():
+        md = saved.get(f"model/{name}")
+        if md is None:
+            raise ValueError(f"checkpoint {directory} has no parameter {name}")
+        if tuple(md.size) != spec_of(p).shape:
+            raise ValueError(f"checkpoint {directory}: parameter {name} is {tuple(md.size)} there, "
+                             f"{spec_of(p).shape} in this model")
 
 
 def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
     """Write the state into `directory` (collective; no marker, not atomic: see save_checkpoint)."""
     directory = Path(directory)
-    sd, _ = _state(model, optimizer, topo, fresh=False)
     with warnings.catch_warnings():  # DCP warns about single-process use even when asked for it
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(sd, checkpoint_id=str(directory), no_dist=not _initialized())
+        dcp.save(_state(model, optimizer), checkpoint_id=str(directory), planner=_SavePlanner(),
+                 no_dist=not _initialized())
     if not _distributed() or dist.get_rank() == 0:
         torch.save(extra or {}, directory / EXTRA_FILE)
         fsync_file(directory / EXTRA_FILE)
@@ -114,20 +165,18 @@ def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
     _barrier()
 
 
+@torch.no_grad()
 def load_state(directory, model, optimizer=None, topo=None) -> dict:
     """Fill `model` (and `optimizer`) of any layout from `directory`; returns the saved `extra`."""
     directory = Path(directory)
-    sd, local = _state(model, optimizer, topo, fresh=True)
+    _check_shapes(directory, model)
+    sd = _state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(directory), no_dist=not _initialized())
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            p.data.copy_(local[("model", name)])
-        if optimizer is not None:
-            per_param = {p: {key: local[(key, name)] for key in MOMENTS} for name, p in params.items()}
-            optimizer.load_full_state(per_param, int(sd["optim"]["step"]))
+        dcp.load(sd, checkpoint_id=str(directory), planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=not _initialized())
+    if optimizer is not None:
+        optimizer.set_step(int(sd["optim/step"]))
+        optimizer.publish()  # the loaded master slices become every rank's parameters
     return torch.load(directory / EXTRA_FILE, weights_only=False)
 
 

@@ -29,6 +29,7 @@ from model.moe import SwiGLUExperts, count_per_expert, swiglu_products
 
 from .collectives import all_gather, all_to_all, group_rank, group_size, reduce_scatter
 from .global_router import gather_group_counts
+from .shard import shard_parameter
 
 
 def check_expert_parallel_sizes(num_experts: int, ffn_hidden_size: int, ep: int, etp: int,
@@ -43,25 +44,12 @@ def check_expert_parallel_sizes(num_experts: int, ffn_hidden_size: int, ep: int,
 
 
 def shard_experts(experts: SwiGLUExperts, ep: int, ep_rank: int, etp: int, etp_rank: int) -> SwiGLUExperts:
-    """This rank's SwiGLUExperts: its E/EP experts, each with its 1/ETP slice of the FFN hidden dimension.
-
-    Parameters are tagged `expert_parallel = True` (and Megatron's `allreduce = False`): their gradients are
-    complete over EP x ETP after backward and must be summed over EDP only (GradSync's `edp` buckets), not over DP.
-    """
+    """Keep this rank's E/EP experts, each with its 1/ETP slice of the FFN hidden dimension (in place)."""
     E, hidden, ffn = experts.w_gate.shape
     check_expert_parallel_sizes(E, ffn, ep, etp)
-    experts_local, ffn_local = E // ep, ffn // etp
-    e0, f0 = ep_rank * experts_local, etp_rank * ffn_local
-    with torch.device("meta"):
-        shard = SwiGLUExperts(experts_local, hidden, ffn_local)
-    with torch.no_grad():
-        shard.w_gate = torch.nn.Parameter(experts.w_gate[e0:e0 + experts_local, :, f0:f0 + ffn_local].clone())
-        shard.w_up = torch.nn.Parameter(experts.w_up[e0:e0 + experts_local, :, f0:f0 + ffn_local].clone())
-        shard.w_down = torch.nn.Parameter(experts.w_down[e0:e0 + experts_local, f0:f0 + ffn_local, :].clone())
-    for p in shard.parameters():
-        p.expert_parallel = True
-        p.allreduce = False
-    return shard
+    for name, ffn_dim in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
+        shard_parameter(experts, name, [(0, "ep", ep, ep_rank), (ffn_dim, "etp", etp, etp_rank)], expert=True)
+    return experts
 
 
 @dataclass

@@ -1,22 +1,21 @@
 """`parallelize(model, topo)`: turn the single-process model into this rank's part of a parallel layout, in place.
 
-Like torchtitan's `parallelize_*`: the model is built whole (same seed on every rank; rank 0's weights are
-broadcast anyway), then every layer is swapped for its parallel version and keeps only this rank's shard.
-Parameter names do not change, so checkpoints (`parallel.checkpoint`) map between layouts by name.
+Like torchtitan's `parallelize_*`, on a model built on the meta device (`build_model`): every layer is swapped
+for its parallel version and every parameter keeps only this rank's block, described by its `ShardSpec`
+(`parallel.shard`); `materialize` then allocates and initialises the blocks. Parameter names do not change, so
+checkpoints (`parallel.checkpoint`) map between layouts by name. A whole model on a real device is cut the
+same way (tests compare layouts with it).
 
 Order: TP/SP (attention, embedding, LM head, norms), then CP (attention cores; `parallel.context_parallel`),
 then the MoE: EP/ETP (`parallel.moe_parallel`) when ep*etp > 1, else `TensorParallelMoE` when TP or CP split
-a micro-batch's tokens. Gradient-sync tags set here: `tp_partition_dim` (sharded over TP), `tp_partial_grad`
-(replicated over TP but fed different tokens: SP norms, the router), `expert_parallel` / `shard_spec` (experts).
+a micro-batch's tokens; parameters replicated over TP but fed different tokens (SP norms, the router) are
+marked partial over TP.
 
 Data: every TP rank of a DP replica gets the same micro-batches (SP splits tokens inside the model); DP ranks
 take disjoint windows (`data_parallel_slice`); CP ranks then take their zigzag chunks (`parallel.zigzag`).
 """
 
 from __future__ import annotations
-
-import torch
-import torch.distributed as dist
 
 from model.attention import LightningAttention, SoftmaxAttention
 from model.moe import MoE
@@ -29,15 +28,8 @@ from .tensor_parallel import (
     gather_from_sequence_region,
     scatter_to_sequence_region,
 )
+from .shard import finish_specs, mark_partial_over_tp
 from .topology import Topology
-
-
-@torch.no_grad()
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Rank 0's full weights everywhere, so the shards of all ranks come from one model."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
 
 
 def _split_moe_tokens(moe, tp_group) -> None:
@@ -55,13 +47,9 @@ def _apply_expert_parallel(model, topo: Topology, router_mode: str, overlap_grou
     for module in model.modules():
         if isinstance(module, MoE):
             if topo.tp > 1:
-                module.gate.weight.tp_partial_grad = True
+                mark_partial_over_tp(module.gate.weight)
                 if not topo.sequence_parallel:
                     _split_moe_tokens(module, topo.tp_group)
-            # experts: [E, hidden, ffn] / [E, ffn, hidden], experts over EP, FFN columns over ETP
-            module.experts.w_gate.shard_spec = ((0, "ep"), (2, "etp"))
-            module.experts.w_up.shard_spec = ((0, "ep"), (2, "etp"))
-            module.experts.w_down.shard_spec = ((0, "ep"), (1, "etp"))
 
 
 def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_overlap_groups: int | None = None,
@@ -78,7 +66,6 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
     moe_overlap_groups = int(moe_overlap_groups or opts.get("moe_overlap_groups") or 1)
     lasp_mode = lasp_mode or opts.get("lasp_mode") or "allgather"
     window_len = window_len or topo.seq_len
-    broadcast_parameters(model)
     tp, sp = topo.tp_group, topo.sequence_parallel
     if topo.tp > 1:
         for layer in model.layers:
@@ -87,10 +74,10 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
             elif isinstance(layer.self_attn, SoftmaxAttention):
                 TensorParallelSoftmaxAttention.convert(layer.self_attn, tp, sp)
             if sp:  # each TP rank normalises different tokens: its norm gradients are partial
-                layer.input_layernorm.weight.tp_partial_grad = True
-                layer.post_attention_layernorm.weight.tp_partial_grad = True
+                mark_partial_over_tp(layer.input_layernorm.weight)
+                mark_partial_over_tp(layer.post_attention_layernorm.weight)
         if sp:
-            model.norm.weight.tp_partial_grad = True
+            mark_partial_over_tp(model.norm.weight)
         TensorParallelCausalLM.convert(model, tp, sp)
     if topo.cp > 1:
         from .context_parallel import apply_context_parallel
@@ -101,6 +88,7 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
     elif topo.tp > 1 or topo.cp > 1:  # one micro-batch's tokens are split over TP x CP: exact group routing
         for layer in model.layers:
             TensorParallelMoE.convert(layer.mlp, tp, sp, token_group=topo.tp_cp_group)
+    finish_specs(model)
     model.topology = topo
     return model
 

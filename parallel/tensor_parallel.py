@@ -11,8 +11,7 @@ Regions: with sequence parallelism (SP) activations between attention blocks are
 ([T/n, h] per rank) and enter a TP block by all-gather and leave it by reduce-scatter; without SP they are
 replicated, enter by copy (backward all-reduce) and leave by all-reduce. Every TP rank computes the same loss.
 
-Parameters carry `tp_partition_dim` (dim split over TP) when sharded; `parallel.checkpoint` and
-`parallel.data_parallel` read it.
+Every parameter cut here gets its `ShardSpec` (`parallel.shard`), the only sharding record the rest reads.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from model.transformer import MiniMaxForCausalLM, ModelOutput
 
 from .collectives import all_gather, all_reduce, copy_to_group, group_rank, group_size, reduce_scatter
 from .global_router import group_aux_loss
+from .shard import mark_partial_over_tp, shard_parameter
 
 
 # ---- regions ------------------------------------------------------------------------------------------------
@@ -67,12 +67,7 @@ def gather_from_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
 
 # ---- sharding helpers ---------------------------------------------------------------------------------------
 def _shard_param(module: nn.Module, name: str, dim: int, group) -> nn.Parameter:
-    full = getattr(module, name).detach()
-    local = full.chunk(group_size(group), dim=dim)[group_rank(group)].clone()
-    param = nn.Parameter(local, requires_grad=getattr(module, name).requires_grad)
-    param.tp_partition_dim = dim
-    setattr(module, name, param)
-    return param
+    return shard_parameter(module, name, [(dim, "tp", group_size(group), group_rank(group))])
 
 
 def shard_column_parallel(linear: nn.Linear, group) -> nn.Linear:
@@ -189,7 +184,7 @@ class TensorParallelSoftmaxAttention(SoftmaxAttention):
 # ---- MoE with replicated experts (ep = etp = 1) ------------------------------------------------------------
 class TensorParallelMoE(MoE):
     """Each TP rank routes its contiguous 1/n of the tokens (without SP: scattered in, gathered out), so expert
-    and router gradients are partial sums over TP (router weights carry `tp_partial_grad`; experts sync over
+    and router gradients are partial sums over TP (the router is marked partial over TP; experts sync over
     EDP, which contains TP). Capacity and aux loss are those of the whole token group, i.e. exactly the
     single-process values: the group's routing is all-gathered, the global keep mask computed, and each rank
     keeps its part of it (a prefix of its own gate order, so the local capacity rule reproduces it).
@@ -200,7 +195,7 @@ class TensorParallelMoE(MoE):
         moe.__class__ = cls
         moe.tp_group, moe.sequence_parallel = tp_group, sequence_parallel
         moe.token_group = tp_group if token_group is None else token_group
-        moe.gate.weight.tp_partial_grad = True
+        mark_partial_over_tp(moe.gate.weight)
         moe._group_dropped = moe._group_counts = None
         return moe
 

@@ -19,6 +19,7 @@ from model.moe import MoE, route_top_k, switch_aux_loss
 from model.transformer import MiniMaxForCausalLM
 from parallel.collectives import all_gather
 from parallel.expert_parallel import check_expert_parallel_sizes
+from parallel.shard import spec_of
 from parallel.global_router import capacity_per_rank, group_keep_mask, kept_counts
 from parallel.moe_parallel import make_moe_expert_parallel, parallelize_moe_layers
 
@@ -152,12 +153,12 @@ def parallel_run(state, groups, mode, overlap_groups):
         losses.append(total.item())
         params = dict(model.named_parameters())
         for p in params.values():  # expert shards: sum over the replicas that saw other tokens (EDP)
-            if getattr(p, "expert_parallel", False) and p.grad is not None and edp_group is not None:
+            if spec_of(p).expert and p.grad is not None and edp_group is not None:
                 dist.all_reduce(p.grad, group=edp_group)
         full = {}
         for name, p in params.items():
             g = torch.zeros_like(p) if p.grad is None else p.grad
-            if getattr(p, "expert_parallel", False):
+            if spec_of(p).expert:
                 full[name] = full_expert_grad(name, g, ep_group, etp_group)
             else:
                 dist.all_reduce(g)
@@ -173,7 +174,7 @@ def parallel_run(state, groups, mode, overlap_groups):
         stats.append({"dropped": int(dropped[0]), "group_dropped": int(dropped[1]) // R, "aux": aux})
         with torch.no_grad():
             for name, p in params.items():
-                p -= LR * (p.grad if getattr(p, "expert_parallel", False) else full[name])
+                p -= LR * (p.grad if spec_of(p).expert else full[name])
     return losses, grads, stats
 
 
@@ -284,7 +285,7 @@ def _gpu_worker(rank, world, ep, etp, autocast):
         grads = {}
         for name, p in layer.named_parameters():
             grad = p.grad.clone()
-            if getattr(p, "expert_parallel", False):
+            if spec_of(p).expert:
                 grad = full_expert_grad(name, grad, ep_group, etp_group)
             else:
                 dist.all_reduce(grad)

@@ -24,13 +24,13 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
-def make_batches(cfg: ModelConfig, steps: int = STEPS, seed: int = 7) -> list[list[dict]]:
-    """steps x MICRO_BATCHES packed micro-batches of WINDOWS_PER_MICRO windows with random documents."""
+def make_batches(cfg: ModelConfig, steps: int = STEPS, seed: int = 7, micro_batches: int = MICRO_BATCHES):
+    """steps x micro_batches packed micro-batches of WINDOWS_PER_MICRO windows with random documents."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
         micro = []
-        for _ in range(MICRO_BATCHES):
+        for _ in range(micro_batches):
             edges, base = [0], 0
             for _ in range(WINDOWS_PER_MICRO):
                 cuts = sorted(set(torch.randint(1, SEQ_LEN, (2,), generator=g).tolist()))
@@ -75,19 +75,19 @@ def reference_run(cfg: ModelConfig, batches) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def gather_full(name, tensor, topo, param=None) -> torch.Tensor:
-    """The whole logical tensor from this rank's shard of `param` (its TP / EP / ETP split)."""
-    from parallel.checkpoint import shard_spec
+def gather_full(tensor, topo, param) -> torch.Tensor:
+    """The whole logical tensor from this rank's block of `param` (its TP / EP / ETP split)."""
     from parallel.collectives import all_gather
+    from parallel.shard import spec_of
 
     full = tensor.detach().clone()
-    for dim, group in shard_spec(tensor if param is None else param, topo):
-        full = all_gather(full, topo.groups[group], dim)
+    for dim, axis in spec_of(param).splits:
+        full = all_gather(full, topo.groups[axis], dim)
     return full
 
 
 def build_parallel(cfg, topo, overlap=False, bucket_numel=5000):
-    """parallelize + GradSync + ZeRO-1 AdamW for this rank."""
+    """parallelize + GradSync + distributed AdamW for this rank."""
     from parallel.optimizer import build_optimizer
     from parallel.parallelize import parallelize
 
@@ -98,7 +98,7 @@ def build_parallel(cfg, topo, overlap=False, bucket_numel=5000):
 
 
 def train_steps(model, opt, grad_sync, topo, batches) -> dict:
-    """The trainer's step: DP slice of the micro-batches, accumulation, sync, clip, ZeRO-1 step."""
+    """The trainer's step: DP slice of the micro-batches, accumulation, sync, clip, distributed AdamW step."""
     from parallel.parallelize import data_parallel_slice
 
     losses, norms, first_grads = [], [], None
@@ -121,11 +121,12 @@ def train_steps(model, opt, grad_sync, topo, batches) -> dict:
         losses.append(loss_sum.item() / denom)
         norms.append(grad_sync.clip_grad_norm_(CLIP))
         if first_grads is None:
-            first_grads = {n: gather_full(n, p.grad, topo, p) for n, p in model.named_parameters()}
+            grads = grad_sync.param_grads()
+            first_grads = {n: gather_full(grads[n], topo, p) for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
     return {"losses": losses, "norms": norms, "grads": first_grads,
-            "params": {n: gather_full(n, p, topo) for n, p in model.named_parameters()}}
+            "params": {n: gather_full(p, topo, p) for n, p in model.named_parameters()}}
 
 
 def parallel_run(cfg, batches, topo, overlap=False, bucket_numel=5000) -> dict:

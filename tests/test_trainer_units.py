@@ -82,8 +82,21 @@ def test_batch_schedule_rejects_bad_settings():
 
 # ---- atomic checkpoints -----------------------------------------------------------------------------------
 
-def _save(root, step, keep_last=0, value=0.0):
-    return ckpt.save_checkpoint(root, step, {"x": torch.tensor([value])}, "a: 1\n", {}, keep_last)
+STATE = "state.pt"  # these tests exercise the folder scheme only: a stand-in for the DCP state
+
+
+def _save(root, step, keep_last=0, value=0.0, write=None):
+    tmp = ckpt.begin_save(root, step)
+    (write or _write)(tmp, value)
+    return ckpt.finish_save(root, step, tmp, "a: 1\n", {}, keep_last)
+
+
+def _write(tmp, value):
+    torch.save({"x": torch.tensor([value])}, tmp / STATE)
+
+
+def _value(path):
+    return torch.load(path / STATE)["x"].item()
 
 
 def test_checkpoint_is_complete_after_save_and_keep_last_prunes(tmp_path):
@@ -92,24 +105,22 @@ def test_checkpoint_is_complete_after_save_and_keep_last_prunes(tmp_path):
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     latest = ckpt.latest_checkpoint(tmp_path)
     assert (latest / ckpt.MARKER).exists() and (latest / "config.yaml").read_text() == "a: 1\n"
-    assert ckpt.load_state(latest)["x"].item() == 3.0
+    assert _value(latest) == 3.0
     assert json.loads((latest / "meta.json").read_text())["step"] == 3
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_crash_mid_save_leaves_no_loadable_checkpoint(tmp_path, monkeypatch):
+def test_crash_mid_save_leaves_no_loadable_checkpoint(tmp_path):
     _save(tmp_path, 1, keep_last=1, value=1.0)
 
-    def crash(tmp_dir, state):
-        (tmp_dir / ckpt.STATE_FILE).write_bytes(b"half a file")
+    def crash(tmp_dir, value):
+        (tmp_dir / STATE).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_state", crash)
     with pytest.raises(OSError):
-        _save(tmp_path, 2, keep_last=1)
+        _save(tmp_path, 2, keep_last=1, write=crash)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000001"]  # older one kept
     assert ckpt.resolve_resume("auto", tmp_path).name == "step_000001"
-    monkeypatch.undo()
     _save(tmp_path, 2, keep_last=1, value=2.0)  # the next save clears the leftover temp dir
     assert not list(tmp_path.glob(".tmp-*"))
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000002"]
@@ -206,17 +217,17 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     from trainer import checkpoint as ckpt
 
     for step in (100, 200, 300):
-        ckpt.save_checkpoint(tmp_path, step, {"w": step}, "cfg: 1\n", {}, keep_last=0)
+        _save(tmp_path, step, value=step)
     # a run resumed from step 100 saves step 150 with keep_last=2: 100 and 150 stay; 200 and 300 are kept
     # under another name so that resume=auto continues this run, not the abandoned one
-    ckpt.save_checkpoint(tmp_path, 150, {"w": 150}, "cfg: 1\n", {}, keep_last=2)
+    _save(tmp_path, 150, keep_last=2, value=150)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000100", "step_000150"]
     assert ckpt.resolve_resume("auto", tmp_path).name == "step_000150"
     assert (tmp_path / "abandoned-step_000300").is_dir() and (tmp_path / "abandoned-step_000200").is_dir()
     # that run goes on to 200 and is rolled back to 150 again: the second branch's 200 and 150 are set aside too
-    ckpt.save_checkpoint(tmp_path, 200, {"w": 201}, "cfg: 1\n", {}, keep_last=0)
-    ckpt.save_checkpoint(tmp_path, 150, {"w": 151}, "cfg: 1\n", {}, keep_last=0)
+    _save(tmp_path, 200, value=201)
+    _save(tmp_path, 150, value=151)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000100", "step_000150"]
-    assert ckpt.load_state(tmp_path / "step_000150")["w"] == 151
-    assert ckpt.load_state(tmp_path / "abandoned-step_000200-2")["w"] == 201
-    assert ckpt.load_state(tmp_path / "abandoned-step_000150")["w"] == 150
+    assert _value(tmp_path / "step_000150") == 151
+    assert _value(tmp_path / "abandoned-step_000200-2") == 201
+    assert _value(tmp_path / "abandoned-step_000150") == 150

@@ -2,11 +2,9 @@
 
 A checkpoint is written into `.tmp-step_000123/`, every file fsync'ed, the marker added, and the folder
 renamed into place (`parallel.atomic_folder`), so a crash mid-save never leaves a `step_*` folder that loads.
-Readers accept only `step_*` folders holding the marker. Two formats share this folder scheme:
-- parallel=single: `state.pt`, torch.save of the full state from rank 0 (`save_state` / `load_state`);
-- every other layout: torch DCP written by all ranks (`parallel.checkpoint.save_state`), layout-independent.
-`begin_save` / `finish_save` are the two halves around the state write; `trainer.layout_checkpoint` loads
-either format into either kind of layout.
+Readers accept only `step_*` folders holding the marker. The state itself is torch DCP written by all ranks
+(`parallel.checkpoint.save_state`, layout-independent); `begin_save` / `finish_save` are the two halves
+around that write (`trainer.layout.Layout.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,13 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from parallel.atomic_folder import MARKER, begin_folder, finish_folder, fsync_file, temp_folder
 
 from .config import ConfigError
 
-STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -60,22 +55,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_state(tmp_dir: Path, state: dict) -> None:
-    """Write the training state into `tmp_dir` (format-specific half of a save)."""
-    torch.save(state, tmp_dir / STATE_FILE)
-    fsync_file(tmp_dir / STATE_FILE)
-
-
-def load_state(ckpt_dir: Path, map_location="cpu") -> dict:
-    """Read the training state of a complete checkpoint (format-specific half of a load)."""
-    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location=map_location, weights_only=False)
-
-
-def is_torch_save_format(ckpt_dir: Path) -> bool:
-    """True for parallel=single's `state.pt` checkpoints, False for DCP ones."""
-    return (Path(ckpt_dir) / STATE_FILE).is_file()
-
-
 def begin_save(root: Path, step: int) -> Path:
     """Create the empty temp folder of checkpoint `step` (removing leftovers of a crash mid-save); returns it."""
     root = Path(root)
@@ -83,13 +62,6 @@ def begin_save(root: Path, step: int) -> Path:
     for stale in root.glob(".tmp-step_*"):  # left over by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
     return begin_folder(root / step_dir_name(step))
-
-
-def save_checkpoint(root: Path, step: int, state: dict, config_yaml: str, meta: dict, keep_last: int) -> Path:
-    """Atomically write checkpoint `step` under `root`, then prune to the newest `keep_last` (0 keeps all)."""
-    tmp = begin_save(root, step)
-    save_state(tmp, state)
-    return finish_save(root, step, tmp, config_yaml, meta, keep_last)
 
 
 def finish_save(root: Path, step: int, tmp: Path, config_yaml: str, meta: dict, keep_last: int) -> Path:

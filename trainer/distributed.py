@@ -1,9 +1,4 @@
-"""Process environment from torchrun, the process group, and the plain data-parallel helpers.
-
-`parallel=single` runs plain data parallelism when world > 1: every rank holds the whole model, takes its share
-of the global batch, and gradients are summed with all_reduce (`wrap_model`, `sum_gradients`). Every other
-layout goes through parallel/ (`trainer.layout.ParallelLayout`).
-"""
+"""Process environment from torchrun, the device, and the process group (the layout itself: `trainer.layout`)."""
 
 from __future__ import annotations
 
@@ -77,39 +72,3 @@ def shutdown() -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def wrap_model(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """parallel=single: the whole model on every rank, starting identical even if initialisation were not."""
-    from parallel.parallelize import broadcast_parameters
-
-    broadcast_parameters(model)
-    return model
-
-
-def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
-    """Sum gradients over data-parallel replicas (the loss is already normalised by the global token count).
-
-    One flattened all_reduce per dtype keeps the call count small (parallel layouts use parallel's bucketed,
-    overlapped GradSync instead).
-    """
-    if not env.distributed:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()

@@ -1,15 +1,15 @@
-"""What the training loop needs from a process layout, for `parallel=single` and for parallel/'s layouts.
+"""The process layout the training loop runs on: `Topology` + sharded model + distributed optimizer.
 
-- `PlainLayout` (parallel=single): every process holds the whole model and a plain torch AdamW; world > 1 is
-  plain data parallelism (one flattened all_reduce of the gradients). The fast, bitwise-resumable path.
-- `ParallelLayout` (every other parallel=...): `Topology` + `parallelize` (TP/SP, CP, EP x ETP x EDP) + parallel's
-  bucketed `GradSync` and ZeRO-1 AdamW. All TP and CP ranks of a DP replica read the same windows
-  (`data_parallel_slice`); CP ranks then keep their zigzag chunks (`parallel.zigzag.shard_batch`).
+One path for every `parallel=...`, `single` included (all sizes 1: plain data parallelism over the world).
+The model is built on the meta device, `parallelize` cuts every parameter to this rank's block and
+`materialize` allocates and initialises only those blocks (`parallel.shard`); gradients go through parallel's
+bucketed `GradSync` into the distributed AdamW (`parallel.optimizer`). All TP and CP ranks of a DP replica read
+the same windows; CP ranks then keep their zigzag chunks (`parallel.zigzag.shard_batch`).
 
-Both expose the same small interface: `dp` / `dp_rank` (which windows this rank trains on), `local_inputs`
-(the rank's part of a micro-batch), `accumulate` (gradient accumulation context), `sync_and_clip` (gradient
-sync + global-norm clipping), `reduce_step_stats` (metric sums over the right groups), and checkpoint IO in
-`trainer.layout_checkpoint`. `check_layout` validates the parallel config before any work is done.
+The loop uses `dp` / `dp_rank` / `dp_group` (which windows this rank trains on), `local_inputs` (the rank's
+part of a micro-batch), `accumulate` (gradient accumulation context), `sync_and_clip` (gradient sync +
+global-norm clipping), `reduce_step_stats` (metric sums over the right groups) and the checkpoint IO.
+`check_layout` validates the parallel config before any work is done.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import layout_checkpoint
+from . import checkpoint as ckpt
 from .config import ConfigError
-from .distributed import DistEnv, all_reduce_sum, sum_gradients, wrap_model
+from .distributed import DistEnv, barrier
+from .logger import say
 
-PLAIN_LAYOUT = "single"
 SIZE_KEYS = ("tp", "cp", "ep", "etp", "pp", "sequence_parallel")
 
 
@@ -33,7 +33,6 @@ class LayoutSpec:
     """The checked parallel config: what plan_run needs before any process group or model exists."""
 
     name: str
-    plain: bool
     dp: int  # data-parallel replicas (windows of a global batch are split over them)
     description: str
 
@@ -59,15 +58,13 @@ def _check_options(parallel_cfg, optim_cfg) -> None:
          f"parallel.grad_bucket_numel={bucket!r} must be a positive integer or null")
     overlap = parallel_cfg.get("overlap_grad_reduce")
     need(overlap is None or isinstance(overlap, bool), f"parallel.overlap_grad_reduce={overlap!r} must be true|false|null")
-    need(optim_cfg.impl != "apex", f"optim.impl=apex is not available with parallel={name} (its ZeRO-1 optimizer "
-                                   f"shards torch AdamW); use optim.impl=auto|fused|foreach")
+    need(optim_cfg.impl != "apex", "optim.impl=apex is not available (the distributed optimizer shards torch "
+                                   "AdamW); use optim.impl=auto|fused|foreach")
 
 
 def check_layout(parallel_cfg, optim_cfg, world_size: int, model_cfg, seq_len: int) -> LayoutSpec:
     """Validate `cfg.parallel` for this world size, model and window length; ConfigError naming the setting."""
     name = str(parallel_cfg.name)
-    if name == PLAIN_LAYOUT:
-        return LayoutSpec(name, True, world_size, f"single (plain data parallel x{world_size})")
     from parallel.topology import validate_layout
 
     sizes = {k: parallel_cfg[k] for k in SIZE_KEYS if k in parallel_cfg}
@@ -86,63 +83,40 @@ def check_layout(parallel_cfg, optim_cfg, world_size: int, model_cfg, seq_len: i
         description += f" router={parallel_cfg.get('router_mode', 'global')}"
     if cp > 1:
         description += f" lasp={parallel_cfg.get('lasp_mode', 'allgather')}"
-    return LayoutSpec(name, False, dp, description + ")")
+    return LayoutSpec(name, dp, description + ")")
 
 
-def build_layout(spec: LayoutSpec, cfg, env: DistEnv, model: torch.nn.Module, model_factory):
-    """The runtime layout for the whole model `model` (on its device); `model_factory()` builds another one."""
-    if spec.plain:
-        from .optim import build_optimizer
+def build_model_on_meta(model_cfg, topo, recompute: bool):
+    """This rank's part of the model with every parameter cut to its block, nothing allocated."""
+    from model import MiniMaxForCausalLM
+    from parallel import parallelize
 
-        model = wrap_model(model, env)
-        optimizer, impl = build_optimizer(model, cfg.optim)
-        return PlainLayout(spec, env, model, optimizer, impl)
-    return ParallelLayout(spec, cfg, env, model, model_factory)
-
-
-class PlainLayout:
-    def __init__(self, spec: LayoutSpec, env: DistEnv, model, optimizer, optimizer_impl: str):
-        self.spec, self.env, self.model, self.optimizer = spec, env, model, optimizer
-        self.optimizer_impl = optimizer_impl
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.dp, self.dp_rank = env.world_size, env.rank
-        self.dp_group = None  # the default group: every process is its own replica
-
-    def local_inputs(self, micro_batch: dict) -> dict:
-        return micro_batch
-
-    def accumulate(self, last: bool):
-        return contextlib.nullcontext()
-
-    def sync_and_clip(self, max_norm: float) -> float:
-        sum_gradients(self.params, self.env)
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))
-
-    def reduce_step_stats(self, dp_cp_stats: torch.Tensor, world_stats: torch.Tensor):
-        """Every rank is its own replica here: one all_reduce of both."""
-        both = all_reduce_sum(torch.cat([dp_cp_stats, world_stats]), self.env)
-        return both[:dp_cp_stats.numel()], both[dp_cp_stats.numel():]
-
-    def save_checkpoint(self, root, step, extra, config_yaml, meta, keep_last):
-        return layout_checkpoint.save_plain(self, root, step, extra, config_yaml, meta, keep_last)
-
-    def load_checkpoint(self, path) -> dict:
-        return layout_checkpoint.load_into_plain(self, path)
+    with torch.device("meta"):
+        model = MiniMaxForCausalLM(model_cfg, recompute=recompute)
+    return parallelize(model, topo)
 
 
-class ParallelLayout:
-    def __init__(self, spec: LayoutSpec, cfg, env: DistEnv, model, model_factory):
-        from parallel import Topology, build_optimizer, parallelize
+def build_model(model_cfg, topo, device, seed: int, recompute: bool, dtype: torch.dtype = torch.float32):
+    """This rank's part of the model: only its blocks are allocated and initialised."""
+    from parallel.shard import materialize
 
-        self.spec, self.env, self.model_factory = spec, env, model_factory
+    return materialize(build_model_on_meta(model_cfg, topo, recompute), device, seed, dtype)
+
+
+class Layout:
+    def __init__(self, spec: LayoutSpec, cfg, env: DistEnv, model_cfg, device, param_dtype: torch.dtype):
+        from parallel import Topology, build_optimizer
+
+        self.spec, self.env = spec, env
         self.seq_len = int(cfg.stage.seq_len)
-        self.topo = Topology.from_config(cfg.parallel, model.cfg, seq_len=self.seq_len)
-        self.model = parallelize(model, self.topo)
+        self.topo = Topology.from_config(cfg.parallel, model_cfg, seq_len=self.seq_len)
+        self.model = build_model(model_cfg, self.topo, device, int(cfg.trainer.seed), bool(cfg.trainer.recompute),
+                                 param_dtype)
         o = cfg.optim
         self.optimizer, self.grad_sync = build_optimizer(
             self.model, self.topo, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps),
             weight_decay=float(o.weight_decay), impl=o.impl)
-        self.optimizer_impl = f"zero1-{self.optimizer.impl}"
+        self.optimizer_impl = f"distributed-{self.optimizer.impl}"
         self.dp, self.dp_rank, self.dp_group = self.topo.dp, self.topo.dp_rank, self.topo.dp_group
 
     def local_inputs(self, micro_batch: dict) -> dict:
@@ -171,7 +145,20 @@ class ParallelLayout:
         return self._sum(dp_cp_stats, self.topo.dp_cp_group), self._sum(world_stats, None)
 
     def save_checkpoint(self, root, step, extra, config_yaml, meta, keep_last):
-        return layout_checkpoint.save_parallel(self, root, step, extra, config_yaml, meta, keep_last)
+        """All ranks write their shards into rank 0's temp folder; rank 0 then completes it atomically."""
+        from parallel.checkpoint import save_state
+
+        tmp = ckpt.begin_save(root, step) if self.env.is_main else ckpt.temp_dir(root, step)
+        barrier(self.env)
+        save_state(tmp, self.model, self.optimizer, extra, self.topo)  # ends with a barrier
+        path = None
+        if self.env.is_main:
+            path = ckpt.finish_save(root, step, tmp, config_yaml, meta, keep_last)
+            say(f"checkpoint: {path} ({self.spec.description})")
+        barrier(self.env)
+        return path
 
     def load_checkpoint(self, path) -> dict:
-        return layout_checkpoint.load_into_parallel(self, path)
+        from parallel.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, self.model, self.optimizer, self.topo)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from . import checkpoint as ckpt
 from .config import ConfigError, compose_config, validate_trainer_config
 from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
-from .layout import LayoutSpec, build_layout, check_layout
+from .layout import Layout, LayoutSpec, check_layout
 from .schedules import BatchSchedule, LRSchedule
 
 EXIT_BAD_INPUT = 2
@@ -119,15 +119,13 @@ def run(cfg, env: DistEnv) -> None:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         (plan.run_dir / "config.yaml").write_text(config_yaml)
 
-    torch.manual_seed(int(cfg.trainer.seed))
-
-    def whole_model():
-        return MiniMaxForCausalLM(plan.model_cfg, recompute=bool(cfg.trainer.recompute)).to(plan.device)
-
-    model = whole_model()
-    counts = model.parameter_counts()
-    flops_per_token = float(model.flops_per_token(int(cfg.stage.seq_len)))
-    layout = build_layout(plan.layout, cfg, env, model, whole_model)
+    torch.manual_seed(int(cfg.trainer.seed))  # dropout-free model: seeds the host-side RNG state only
+    with torch.device("meta"):  # counts only
+        probe = MiniMaxForCausalLM(plan.model_cfg)
+    counts = probe.parameter_counts()
+    flops_per_token = float(probe.flops_per_token(int(cfg.stage.seq_len)))
+    param_dtype = plan.autocast_dtype or torch.float32
+    layout = Layout(plan.layout, cfg, env, plan.model_cfg, plan.device, param_dtype)
 
     trainer = Trainer(
         cfg=cfg, env=env, device=plan.device, autocast_dtype=plan.autocast_dtype, layout=layout,
@@ -146,7 +144,7 @@ def run(cfg, env: DistEnv) -> None:
 
     if env.is_main:
         say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | layout {plan.layout.description} | "
-            f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} | optimizer {layout.optimizer_impl} | params "
+            f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} (fp32 master weights) | optimizer {layout.optimizer_impl} | params "
             f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active (non-embedding) | "
             + (f"resumed from {plan.resume_from} (step {trainer.state.step})" if plan.resume_from else "fresh start"))
     trainer.logger = RunLogger(cfg, plan.run_dir, env.is_main, trainer.state.step)
