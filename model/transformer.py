@@ -3,13 +3,13 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import LightningAttention, SoftmaxAttention
 from .config import ModelConfig
 from .init import init_block_
+from .linear_cross_entropy import linear_cross_entropy
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import positions_from_cu_seqlens
@@ -84,7 +84,6 @@ class MiniMaxForCausalLM(nn.Module):
                 positions: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [T] packed tokens; cu_seqlens [N+1] document boundaries; labels [T] with -100 = ignore."""
         h = self.hidden_states(input_ids, cu_seqlens, positions)
-        logits = self.lm_head(h)
         stats = [layer.mlp.last_stats for layer in self.layers]
         out = ModelOutput(
             logits=None, loss_sum=None, num_tokens=None,
@@ -94,11 +93,15 @@ class MiniMaxForCausalLM(nn.Module):
             tokens_per_expert=torch.stack([s["tokens_per_expert"] for s in stats]),
         )
         if labels is None:
-            out.logits = logits
+            out.logits = self.lm_head(h)
         else:
-            out.loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+            out.loss_sum = self.head_loss_sum(h, labels)
             out.num_tokens = (labels != -100).sum()
         return out
+
+    def head_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """fp32 sum of the LM head's token cross-entropies, without logits [T, V]."""
+        return linear_cross_entropy(h, self.lm_head.weight, labels)
 
     def parameter_counts(self) -> dict:
         """Total, active-per-token (experts scaled by top_k / E) and embedding parameter counts."""

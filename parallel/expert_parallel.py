@@ -45,7 +45,7 @@ def check_expert_parallel_sizes(num_experts: int, ffn_hidden_size: int, ep: int,
 
 def shard_experts(experts: SwiGLUExperts, ep: int, ep_rank: int, etp: int, etp_rank: int) -> SwiGLUExperts:
     """Keep this rank's E/EP experts, each with its 1/ETP slice of the FFN hidden dimension (in place)."""
-    E, hidden, ffn = experts.w_gate.shape
+    E, _, ffn = experts.w_gate.shape
     check_expert_parallel_sizes(E, ffn, ep, etp)
     for name, ffn_dim in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
         shard_parameter(experts, name, [(0, "ep", ep, ep_rank), (ffn_dim, "etp", etp, etp_rank)], expert=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from model.attention import LightningAttention, SoftmaxAttention
 from model.moe import MoE
 
+from .shard import finish_specs, mark_partial_over_tp
 from .tensor_parallel import (
     TensorParallelCausalLM,
     TensorParallelLightningAttention,
@@ -28,7 +29,6 @@ from .tensor_parallel import (
     gather_from_sequence_region,
     scatter_to_sequence_region,
 )
-from .shard import finish_specs, mark_partial_over_tp
 from .topology import Topology
 
 
@@ -45,11 +45,10 @@ def _apply_expert_parallel(model, topo: Topology, router_mode: str, overlap_grou
     parallelize_moe_layers(model, topo.ep_group, topo.etp_group, router_mode, overlap_groups,
                            ranks_per_micro_batch=topo.tp * topo.cp)
     for module in model.modules():
-        if isinstance(module, MoE):
-            if topo.tp > 1:
-                mark_partial_over_tp(module.gate.weight)
-                if not topo.sequence_parallel:
-                    _split_moe_tokens(module, topo.tp_group)
+        if isinstance(module, MoE) and topo.tp > 1:
+            mark_partial_over_tp(module.gate.weight)
+            if not topo.sequence_parallel:
+                _split_moe_tokens(module, topo.tp_group)
 
 
 def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_overlap_groups: int | None = None,

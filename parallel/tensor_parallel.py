@@ -3,7 +3,7 @@
 Layout over the TP group (rank r of n):
 - column-parallel projections keep output rows r*out/n ..: lightning qkv/gate and softmax q/k/v, split by
   (KV) heads, and the LM head split by vocabulary; row-parallel projections keep input columns (out_proj, o_proj);
-- the embedding keeps vocabulary rows r*V/n ..; cross-entropy runs on vocab-split logits;
+- the embedding keeps vocabulary rows r*V/n ..; the chunked head + cross-entropy runs on the vocabulary shard;
 - the lightning RMSNorm over all heads keeps this rank's channels and all-reduces its sum of squares;
 - everything else (norms, router, experts) is replicated.
 
@@ -29,6 +29,7 @@ from model.transformer import MiniMaxForCausalLM, ModelOutput
 from .collectives import all_gather, all_reduce, copy_to_group, group_rank, group_size, reduce_scatter
 from .global_router import group_aux_loss
 from .shard import mark_partial_over_tp, shard_parameter
+from .vocab_parallel_loss import vocab_parallel_linear_cross_entropy
 
 
 # ---- regions ------------------------------------------------------------------------------------------------
@@ -102,23 +103,6 @@ class VocabParallelEmbedding(nn.Embedding):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside[:, None], 0.0)
         return exit_tp_region(out, self.tp_group, self.sequence_parallel)
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group, vocab_start: int,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Per-token cross-entropy [T] (fp32, 0 where ignored) from vocab-split logits [T, V/n]."""
-    logits = logits.float()
-    with torch.no_grad():  # the loss does not depend on the shift, so it needs no gradient
-        shift = logits.max(dim=-1).values
-        if group_size(group) > 1:
-            dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - shift[:, None]
-    sum_exp = all_reduce(shifted.exp().sum(dim=-1), group)
-    local = labels - vocab_start
-    mine = (local >= 0) & (local < logits.shape[-1]) & (labels != ignore_index)
-    picked = shifted.gather(1, local.clamp(0, logits.shape[-1] - 1)[:, None]).squeeze(1)
-    picked = all_reduce(picked * mine, group)
-    return (sum_exp.log() - picked).masked_fill(labels == ignore_index, 0.0)
 
 
 # ---- attention ----------------------------------------------------------------------------------------------
@@ -266,11 +250,12 @@ class TensorParallelCausalLM(MiniMaxForCausalLM):
         return model
 
     def forward(self, input_ids, cu_seqlens, labels=None, positions=None) -> ModelOutput:
-        out = super().forward(input_ids, cu_seqlens, None, positions)  # out.logits: [T, V/n] of this rank
+        out = super().forward(input_ids, cu_seqlens, labels, positions)  # out.logits: [T, V/n] of this rank
         if labels is None:
             with torch.no_grad():
                 out.logits = all_gather(out.logits, self.tp_group, dim=-1)
-            return out
-        losses = vocab_parallel_cross_entropy(out.logits, labels, self.tp_group, self.vocab_start)
-        out.logits, out.loss_sum, out.num_tokens = None, losses.sum(), (labels != -100).sum()
         return out
+
+    def head_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = enter_tp_region(h, self.tp_group, self.lm_head.sequence_parallel)  # backward sums over TP
+        return vocab_parallel_linear_cross_entropy(h, self.lm_head.weight, labels, self.tp_group, self.vocab_start)

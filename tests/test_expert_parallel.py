@@ -19,9 +19,9 @@ from model.moe import MoE, route_top_k, switch_aux_loss
 from model.transformer import MiniMaxForCausalLM
 from parallel.collectives import all_gather
 from parallel.expert_parallel import check_expert_parallel_sizes
-from parallel.shard import spec_of
 from parallel.global_router import capacity_per_rank, group_keep_mask, kept_counts
 from parallel.moe_parallel import make_moe_expert_parallel, parallelize_moe_layers
+from parallel.shard import spec_of
 
 WORLD = 4
 RANK_TOKENS = [24, 16, 20, 24]  # uneven on purpose

@@ -45,7 +45,6 @@ def _check_options(parallel_cfg, optim_cfg) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    name = parallel_cfg.name
     router_mode = parallel_cfg.get("router_mode", "global")
     need(router_mode in ROUTER_MODES, f"parallel.router_mode={router_mode!r} must be one of {'|'.join(ROUTER_MODES)}")
     lasp_mode = parallel_cfg.get("lasp_mode", "allgather")
