@@ -11,8 +11,9 @@ epoch when one ends.
 
 Both can read one part of a corpus split into `parts` disjoint ones (the sub-streams of
 data.streams): part p of a map-style corpus holds the documents i with i % parts == p, shuffled
-on their own; a stream is split by `datasets.distributed.split_dataset_by_node` (whole shards when
-their number divides `parts`, else every parts-th document). Positions then count within the part.
+on their own; each epoch of a stream is split by `datasets.distributed.split_dataset_by_node` (whole
+shards when their number divides `parts`, else every parts-th document; with a shuffle buffer, of that
+epoch's order, so a part's documents change between epochs). Positions then count within the part.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Each source is its own `WindowStream`, typically one corpus split into short / m
 document buckets with `min_doc_tokens` / `max_doc_tokens`. Every window comes whole from one
 source, chosen by a seeded draw; the draw is a function of (seed, part, draw number), so the mixture's
 state is just the draw count, the weights and each source's state. `part` is the sub-stream's number
-(`data.substreams`): every sub-stream draws its own sequence, so the windows of one global batch do not
-all come from the same source. Between stages the trainer moves
-the weights linearly with `interpolate_weights` and `set_weights`.
+(`data.substreams`): each sub-stream draws its own sequence, so the windows of one global batch do not
+all come from one source. Between stages the trainer moves the weights linearly with
+`interpolate_weights` and `set_weights`.
 """
 
 from __future__ import annotations

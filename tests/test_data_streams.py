@@ -144,23 +144,23 @@ def test_map_style_parts_split_every_epoch(tokenizer):
         assert [e for e, _, _ in two_epochs] == [0] * len(first) + [1] * len(second)
 
 
-@pytest.mark.parametrize("files, parts", [(6, 3), (1, 3)])  # whole shards per part; every parts-th document
-def test_streamed_parts_split_the_stream(tmp_path, files, parts):
+# whole shards per part, every parts-th document; and both through the seeded shuffle buffer
+@pytest.mark.parametrize("files, parts, buffer", [(6, 3, 0), (1, 3, 0), (6, 3, 4), (1, 3, 4)])
+def test_streamed_parts_split_every_epoch_of_the_stream(tmp_path, files, parts, buffer):
     from datasets import load_dataset
 
-    for f in range(files):
-        rows = [{"text": f"f{f}d{i}"} for i in range(f * 10 // files, (f + 1) * 10 // files)]
-        (tmp_path / f"{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [[f"f{f}d{i}" for i in range(f * 10 // files, (f + 1) * 10 // files)] for f in range(files)]
+    for f, texts in enumerate(rows):
+        (tmp_path / f"{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     data_files = sorted(str(p) for p in tmp_path.glob("*.jsonl"))
     stream = load_dataset("json", data_files=data_files, split="train", streaming=True)
-    seen = []
+    epochs = [[], []]
     for p in range(parts):
-        docs = [t for _, _, t in StreamedDocuments(stream, "text", seed=0, part=p, parts=parts).read(12)]
-        epoch = docs[:len(set(docs))]
-        assert docs == (epoch * 12)[:12]  # the part's documents, again in the next epoch
-        seen += epoch
-    assert sorted(seen) == sorted(f"f{f}d{i}" for f in range(files)
-                                  for i in range(f * 10 // files, (f + 1) * 10 // files))
+        read = StreamedDocuments(stream, "text", seed=5, shuffle_buffer=buffer, part=p, parts=parts).read(12)
+        for epoch in (0, 1):  # 12 documents are more than two epochs of a part
+            epochs[epoch] += [t for e, _, t in read if e == epoch]
+    everything = sorted(t for texts in rows for t in texts)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == everything  # each epoch split over the parts, none twice
 
 
 def test_bad_stream_settings(corpus, tokenizer):
