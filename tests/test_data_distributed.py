@@ -2,7 +2,8 @@
 the DP ranks' windows together are the one-process global batch, the TP/CP ranks of a replica read the same
 windows, every rank tokenizes only its replica's sub-streams, and every rank gathers the same position, the one
 a single process has after those steps. Then the trainer: a dp=4 run's losses and label counts equal one
-process's, and its checkpoint resumes under tp=2 (dp=2) with the uninterrupted run's next steps."""
+process's, its checkpoint resumes under tp=2 (dp=2) with the uninterrupted run's next steps, and a data error
+of one DP rank's sub-stream stops every rank with the bad-input exit code (none waits for it)."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from dist_harness import run_distributed
 from test_data_streams import CountingTokenizer, corpus  # noqa: F401 -- the corpus fixture
 
 from data import DataSource, RankStreams, StepPrefetcher, build_tokenizer
-from trainer.train import main_from_overrides
+from trainer.train import EXIT_BAD_INPUT, main_from_overrides
 
 SEQ_LEN = 16
 STEPS = [8, 8, 16, 24, 8]  # global windows per step: the batch size changes
@@ -62,14 +63,19 @@ def runs(tmp_path_factory, corpus):  # noqa: F811
     try:
         assert main_from_overrides([*MICRO, f"trainer.run_dir={root / 'single'}"]) == 0
         step_2 = root / "dp4" / "checkpoints" / "step_000002"
+        # sub-stream 3 of 4 (read by DP rank 3 alone) holds only documents the length filter rejects
+        texts = [f"doc{i} " + ("word " * (2 if i % 4 == 3 else 80)) for i in range(24)]
+        (root / "uneven.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        uneven = ["data.source=files", f"data.path={root / 'uneven.jsonl'}", "data.streams=4", "data.min_doc_tokens=20"]
         per_rank = run_distributed(_read_then_train, 4, corpus, [
             [*MICRO, "parallel=dp", f"trainer.run_dir={root / 'dp4'}", "trainer.checkpoint.every=2",
              "trainer.checkpoint.keep_last=0"],
             [*MICRO, "parallel=tp2", f"trainer.run_dir={root / 'dp4_to_tp2'}", f"trainer.resume={step_2}"],
+            [*MICRO, "parallel=dp", f"trainer.run_dir={root / 'uneven'}", *uneven],
         ])
     finally:
         torch.set_num_threads(threads)
-    assert all(rcs == [0, 0] for _, rcs in per_rank), per_rank
+    assert all(rcs == [0, 0, EXIT_BAD_INPUT] for _, rcs in per_rank), per_rank  # no rank waits for rank 3
     return root, [reads for reads, _ in per_rank]
 
 

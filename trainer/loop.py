@@ -106,7 +106,8 @@ class Trainer:
         meta = {"tokens_seen": self.state.tokens_seen, "world_size": self.env.world_size,
                 "layout": self.layout.spec.description}
         self.layout.save_checkpoint(self.ckpt_root, self.state.step, self.training_state(), self.config_yaml, meta,
-                                    int(self.cfg.trainer.checkpoint.keep_last))
+                                    int(self.cfg.trainer.checkpoint.keep_last),
+                                    background=bool(self.cfg.trainer.checkpoint.get("async")))
         self.saved_step = self.state.step
 
     # ---- one optimizer step -----------------------------------------------------------------------------
@@ -117,13 +118,28 @@ class Trainer:
             yield batch // self.seq_len
             tokens_seen += batch
 
-    def _global_count(self, local: int) -> int:
-        """Sum over the DP replicas (each counts its own windows; TP/CP ranks of a replica hold the same ones)."""
+    def _sum_over_replicas(self, values: list[int]) -> list[int]:
+        """Sums over the DP replicas (TP/CP ranks of a replica read the same windows, so each counts its own)."""
         if self.layout.dp == 1:
-            return local
-        count = torch.tensor([local], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
-        dist.all_reduce(count, group=self.layout.dp_group)
-        return int(count.item())
+            return values
+        total = torch.tensor(values, dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
+        dist.all_reduce(total, group=self.layout.dp_group)
+        return total.tolist()
+
+    def _raise_data_failure(self, error: Exception | None):
+        """Every DP rank raises when one failed to read its windows (else the others would wait for it in the
+        next collective); a data setting error comes out as the same one-line ConfigError on every rank."""
+        report = None if error is None else (isinstance(error, DataConfigError), " ".join(str(error).split()))
+        reports = [report] * self.layout.dp
+        if self.layout.dp > 1:
+            dist.all_gather_object(reports, report, group=self.layout.dp_group)
+        is_setting, message = next(r for r in reports if r is not None)
+        if is_setting:
+            raise ConfigError(message) from None
+        if error is not None:
+            raise error
+        raise RuntimeError(f"data: data-parallel rank {reports.index((is_setting, message))} could not read its "
+                           f"windows: {message}")
 
     def _next_micro_batches(self, micro_per_rank: int) -> tuple[list[dict], int]:
         """This replica's micro-batches of the step, and the label tokens of the whole global batch.
@@ -133,16 +149,20 @@ class Trainer:
         the layout, and a rank reads only its own windows."""
         if not self.data.running:
             self.data.start(self._global_windows_per_step(self.state.tokens_seen))
-        try:
-            mine = self.data.next_step()
-        except DataConfigError as exc:  # a setting that reading shows wrong, e.g. a length filter nothing passes
-            raise ConfigError(str(exc)) from None
         per_rank = micro_per_rank * self.micro_batch_size
-        if len(mine) != per_rank:
-            raise RuntimeError(f"data: read {len(mine)} windows for this rank's step, it needs {per_rank}")
+        try:
+            mine, error = self.data.next_step(), None
+            if len(mine) != per_rank:
+                raise RuntimeError(f"data: read {len(mine)} windows for this rank's step, it needs {per_rank}")
+        except Exception as exc:  # noqa: BLE001 -- every rank learns of it below
+            mine, error = [], exc
         micro_batches = [self.collate(mine[i:i + self.micro_batch_size])
-                         for i in range(0, per_rank, self.micro_batch_size)]
-        return micro_batches, self._global_count(sum(mb["num_tokens"] for mb in micro_batches))
+                         for i in range(0, len(mine), self.micro_batch_size)]
+        label_tokens, failed = self._sum_over_replicas([sum(mb["num_tokens"] for mb in micro_batches),
+                                                        error is not None])
+        if failed:
+            self._raise_data_failure(error)
+        return micro_batches, label_tokens
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -234,9 +254,11 @@ class Trainer:
             while self.state.step < total:
                 metrics = self.train_step()
                 self.logger.log_step(metrics)
+                self.layout.finish_checkpoint(wait=False)  # a background save whose writes are done
                 if every and self.state.step % every == 0:
                     self.save()
             if self.cfg.trainer.checkpoint.at_end and self.saved_step != self.state.step:
                 self.save()
+            self.layout.finish_checkpoint(wait=True)
         finally:
             self.data.stop()
