@@ -150,6 +150,49 @@ def _check_shapes(directory: Path, model) -> None:
                              f"{spec_of(p).shape} in this model")
 
 
+class _AlreadyStaged:
+    """DCP's stager protocol for a state dict whose pieces are host copies already (`snapshot`)."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def snapshot(state: dict) -> dict:
+    """Host copies of every piece: what an async save writes while training changes the originals."""
+    return {k: Blocks(v.shape, [(o, t.to("cpu", copy=True)) for o, t in v.pieces.items()])
+            if isinstance(v, Blocks) else v.to("cpu", copy=True) for k, v in state.items()}
+
+
+def _write_extra(directory: Path, extra, topo) -> None:
+    if not _distributed() or dist.get_rank() == 0:
+        torch.save(extra or {}, directory / EXTRA_FILE)
+        fsync_file(directory / EXTRA_FILE)
+        layout = topo.describe() if topo is not None else "single process"
+        (directory / "layout.json").write_text(json.dumps({"saved_by": layout}))
+
+
+def save_state_async(directory, model, optimizer, extra=None, topo=None, process_group=None):
+    """Start writing the state into `directory` in a background thread; returns DCP's future (done when every
+    rank's data and the metadata are written). `process_group`: a gloo group of all ranks, kept apart from the
+    training's collectives. The host copy is taken before this returns."""
+    directory = Path(directory)
+    _write_extra(directory, extra, topo)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return dcp.async_save(snapshot(_state(model, optimizer)), checkpoint_id=str(directory),
+                              planner=_SavePlanner(), process_group=process_group, async_stager=_AlreadyStaged(),
+                              no_dist=not _initialized())
+
+
 def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
     """Write the state into `directory` (collective; no marker, not atomic: see save_checkpoint)."""
     directory = Path(directory)
@@ -157,11 +200,7 @@ def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(_state(model, optimizer), checkpoint_id=str(directory), planner=_SavePlanner(),
                  no_dist=not _initialized())
-    if not _distributed() or dist.get_rank() == 0:
-        torch.save(extra or {}, directory / EXTRA_FILE)
-        fsync_file(directory / EXTRA_FILE)
-        layout = topo.describe() if topo is not None else "single process"
-        (directory / "layout.json").write_text(json.dumps({"saved_by": layout}))
+    _write_extra(directory, extra, topo)
     _barrier()
 
 

@@ -122,6 +122,43 @@ def test_resume_gives_identical_losses(straight_run, tmp_path):
     assert digest(final_a) == digest(final_b)
 
 
+def test_async_checkpoints_equal_sync_ones(straight_run, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.steps=8", "trainer.checkpoint.every=4", "trainer.checkpoint.keep_last=1",
+                 "trainer.checkpoint.async=true") == 0
+    assert checkpoint_steps(run_dir) == ["step_000008"] and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    final = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert digest(final) == digest(ckpt.latest_checkpoint(straight_run / "checkpoints"))
+
+
+KILL_DURING_SECOND_ASYNC_SAVE = """
+import os, sys
+import parallel.checkpoint as pc
+real, calls = pc.dcp.async_save, []
+def save_then_die(*args, **kwargs):
+    future = real(*args, **kwargs)
+    calls.append(future)
+    if len(calls) == 2:
+        os._exit(9)  # killed while the background write of the second checkpoint is in flight
+    return future
+pc.dcp.async_save = save_then_die
+from trainer.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_async_save_leaves_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*MICRO, *BATCH, f"trainer.run_dir={run_dir}", "trainer.steps=8", "trainer.checkpoint.every=4",
+            "trainer.checkpoint.async=true"]
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_ASYNC_SAVE, *args], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert checkpoint_steps(run_dir) == ["step_000004"]  # the one in flight never became a checkpoint
+    assert train(run_dir, *args[len(MICRO) + len(BATCH) + 1:], "trainer.resume=auto") == 0
+    assert [m["step"] for m in metrics(run_dir)][-4:] == [5, 6, 7, 8]
+
+
 def test_resume_auto_ignores_incomplete_checkpoints(straight_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(straight_run, run_dir)
@@ -231,7 +268,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     assert main_from_overrides([*common, f"trainer.run_dir={single_dir}"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "trainer.train", *common, f"trainer.run_dir={dp_dir}"]
+           "trainer.train", *common, f"trainer.run_dir={dp_dir}", "trainer.checkpoint.async=true"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each rank takes half of every global batch; summed gradients give the single-process step

@@ -118,8 +118,9 @@ def validate_trainer_config(cfg: DictConfig) -> None:
         _positive_int(cfg, key)
     for key in ("trainer.seed", "trainer.checkpoint.every", "trainer.checkpoint.keep_last"):
         _positive_int(cfg, key, allow_zero=True)
-    at_end = OmegaConf.select(cfg, "trainer.checkpoint.at_end")
-    _need(isinstance(at_end, bool), f"trainer.checkpoint.at_end={at_end!r} must be true or false")
+    for key in ("trainer.checkpoint.at_end", "trainer.checkpoint.async"):
+        value = OmegaConf.select(cfg, key)
+        _need(isinstance(value, bool), f"{key}={value!r} must be true or false")
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
     _choice(cfg, "trainer.dtype", ("auto", "fp32", "bf16"))
     resume = cfg.trainer.resume

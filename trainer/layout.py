@@ -117,6 +117,7 @@ class Layout:
             weight_decay=float(o.weight_decay), impl=o.impl)
         self.optimizer_impl = f"distributed-{self.optimizer.impl}"
         self.dp, self.dp_rank, self.dp_group = self.topo.dp, self.topo.dp_rank, self.topo.dp_group
+        self._pending, self._async_group = None, None  # a background checkpoint save in flight
 
     def local_inputs(self, micro_batch: dict) -> dict:
         if self.topo.cp == 1:
@@ -143,18 +144,39 @@ class Layout:
         tokens); MoE sums over all ranks (each rank reports its router group's or its own counts)."""
         return self._sum(dp_cp_stats, self.topo.dp_cp_group), self._sum(world_stats, None)
 
-    def save_checkpoint(self, root, step, extra, config_yaml, meta, keep_last):
-        """All ranks write their shards into rank 0's temp folder; rank 0 then completes it atomically."""
-        from parallel.checkpoint import save_state
+    def save_checkpoint(self, root, step, extra, config_yaml, meta, keep_last, background: bool = False):
+        """All ranks write their shards into rank 0's temp folder; rank 0 then completes it atomically. With
+        `background` the write runs in a thread and `finish_checkpoint` completes it later."""
+        from parallel.checkpoint import save_state, save_state_async
 
+        self.finish_checkpoint(wait=True)
         tmp = ckpt.begin_save(root, step) if self.env.is_main else ckpt.temp_dir(root, step)
         barrier(self.env)
+        if background:
+            if self._async_group is None and self.env.distributed:  # a collective: every rank gets here together
+                self._async_group = dist.new_group(backend="gloo")
+            future = save_state_async(tmp, self.model, self.optimizer, extra, self.topo, self._async_group)
+            self._pending = (future, root, step, tmp, config_yaml, meta, keep_last)
+            return None
         save_state(tmp, self.model, self.optimizer, extra, self.topo)  # ends with a barrier
-        path = None
-        if self.env.is_main:
-            path = ckpt.finish_save(root, step, tmp, config_yaml, meta, keep_last)
-            say(f"checkpoint: {path} ({self.spec.description})")
+        path = self._complete(root, step, tmp, config_yaml, meta, keep_last)
         barrier(self.env)
+        return path
+
+    def finish_checkpoint(self, wait: bool) -> None:
+        """Complete a background save once its writes are done (`wait`: block until they are)."""
+        if self._pending is None or not (wait or self._pending[0].done()):
+            return
+        future, *rest = self._pending
+        self._pending = None
+        future.result()  # rank 0's future ends after every rank's data and the metadata are written
+        self._complete(*rest)  # rank 0 alone: no other rank waits for the rename
+
+    def _complete(self, root, step, tmp, config_yaml, meta, keep_last):
+        if not self.env.is_main:
+            return None
+        path = ckpt.finish_save(root, step, tmp, config_yaml, meta, keep_last)
+        say(f"checkpoint: {path} ({self.spec.description})")
         return path
 
     def load_checkpoint(self, path) -> dict:
