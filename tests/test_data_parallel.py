@@ -84,7 +84,7 @@ def _sync_and_step(rank, world, overlap):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_grad_sync_and_zero1_match_allreduce_adamw(overlap):
+def test_grad_sync_and_distributed_adamw_match_allreduce_adamw(overlap):
     buckets = run_distributed(_sync_and_step, 2, overlap)[0]["buckets"]
     # reverse order of named_parameters (norm, lin.*, mlp.*); a bucket closes at 10 elements; groups and decay classes never mix
     assert buckets == [

@@ -2,7 +2,7 @@
 
 One global batch = 2 windows of 64 tokens; capacity factor 1.0 drops tokens and aux_loss_coef=0.1 makes router
 gradient errors visible in the loss and grad norm. Checked against the single-process run over 3 steps:
-- tp=2 (SP), cp=2, dp=2 (ZeRO-1) and ep=2 with the local router rule: the plain single-process model;
+- tp=2 (SP), cp=2, dp=2 (distributed optimizer) and ep=2 with the local router rule: the plain single-process model;
 - the global router (ep=2 over two DP ranks, and tp=2 x ep=2 over one micro-batch's SP halves) and the local
   rule under tp=2 x ep=2: the single process applying the same rule to the same two halves of its micro-batch,
   which proves the aux-loss convention of parallel/moe_parallel.py (a wrong router-gradient scale moves the

@@ -1,0 +1,152 @@
+"""`python -m trainer.plan <trainer.train overrides> plan.world_size=N [plan.device_memory_gib=80]`: memory per rank.
+
+Nothing is allocated: the model is built on the meta device and cut by the same `parallelize`, and the gradient
+buckets and the distributed optimizer are built on it, for one rank of a fake process group of N ranks
+(torch's FakeStore + fake backend), so every group size and every padded bucket is the real one. Activations
+come from `trainer.activation_memory` (per layer kind, at the stage's window and micro-batch size, with and
+without recompute). Ends with `max per-rank memory: X GiB (...)`; exit code 2, naming the largest item, when
+that exceeds `plan.device_memory_gib`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, compose_config
+
+GIB = 2 ** 30
+PLAN_KEYS = {"world_size": int, "device_memory_gib": float, "runtime_reserve_gib": float}
+# CUDA context, NCCL communicators and allocator fragmentation: not visible to any tensor count
+DEFAULT_RUNTIME_RESERVE_GIB = 2.0
+
+
+@dataclass
+class StateBytes:
+    parameters: int  # compute-dtype flat parameter buffers (padding included)
+    gradients: int  # fp32 main grads + reduce-scatter output slices
+    optimizer: int  # fp32 master slices (when parameters are not fp32) + AdamW moments
+    parameters_by_kind: dict
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def state_bytes(grad_sync, optimizer) -> StateBytes:
+    """Bytes of this rank's parameters, gradients and optimizer state as the objects hold them (meta or real)."""
+    params = grads = opt = 0
+    kinds: dict = {}
+    for b, master, moments in optimizer.slices():
+        params += _nbytes(b.flat_params)
+        kind = "experts" if b.grad_group == "edp" else "dense"
+        kinds[kind] = kinds.get(kind, 0) + _nbytes(b.flat_params)
+        grads += _nbytes(b.main_grad) + (_nbytes(b.grad_shard) if b.grad_shard._base is not b.main_grad else 0)
+        # fp32 parameters are their own master weights (DistributedAdamW aliases the slice)
+        opt += (_nbytes(master) if master.dtype != b.flat_params.dtype else 0) + sum(map(_nbytes, moments.values()))
+    return StateBytes(params, grads, opt, kinds)
+
+
+def _meta_rank(cfg, model_cfg, world: int, rank: int, param_dtype):
+    """Topology, model, GradSync and optimizer of `rank` in a fake world of `world` ranks, all on meta."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel import Topology, build_optimizer
+
+    from .layout import build_model_on_meta
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        topo = Topology.from_config(cfg.parallel, model_cfg, seq_len=int(cfg.stage.seq_len))
+        model = build_model_on_meta(model_cfg, topo, bool(cfg.trainer.recompute)).to(param_dtype)
+        o = cfg.optim
+        optimizer, grad_sync = build_optimizer(model, topo, lr=float(o.lr), weight_decay=float(o.weight_decay),
+                                               impl="foreach")
+        return topo, state_bytes(grad_sync, optimizer)
+    finally:
+        dist.destroy_process_group()
+
+
+def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, str, list[str]]:
+    """(rows of (item, GiB), max GiB, its rank kind, the printed lines) for the given overrides."""
+    from .activation_memory import activation_bytes
+    from .layout import check_layout
+    from .train import build_model_config
+
+    options, rest = {}, []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith("plan."):
+            name = key[len("plan."):]
+            if name not in PLAN_KEYS:
+                raise ConfigError(f"{key}: unknown planner setting (known: {', '.join('plan.' + k for k in PLAN_KEYS)})")
+            try:
+                options[name] = PLAN_KEYS[name](value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be a number") from None
+        else:
+            rest.append(o)
+    if "world_size" not in options:
+        raise ConfigError("plan.world_size=N is required (the number of ranks to plan for)")
+    cfg = compose_config(rest)
+    world = options["world_size"]
+    model_cfg = build_model_config(cfg)
+    seq_len, mbs = int(cfg.stage.seq_len), int(cfg.trainer.micro_batch_size)
+    spec = check_layout(cfg.parallel, cfg.optim, world, model_cfg, seq_len)
+    dtype = "bf16" if cfg.trainer.dtype in ("bf16", "auto") else "fp32"  # auto: bf16 on the GPUs planned for
+    param_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    topo, state = _meta_rank(cfg, model_cfg, world, 0, param_dtype)
+    recompute = bool(cfg.trainer.recompute)
+    sizes = dict(tp=topo.tp, sequence_parallel=topo.sequence_parallel, cp=topo.cp, ep=topo.ep, etp=topo.etp)
+    acts = {r: activation_bytes(model_cfg, tokens=mbs * seq_len, micro_batch_size=mbs, compute_dtype=dtype, recompute=r,
+                                device_type="cuda", **sizes) for r in (False, True)}
+    chosen = acts[recompute]
+    reserve = options.get("runtime_reserve_gib", DEFAULT_RUNTIME_RESERVE_GIB)
+    rows = [
+        (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, "
+         f"experts {state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
+        ("gradients (fp32 main grads + reduce-scatter slices)", state.gradients / GIB),
+        ("master weights + AdamW moments (fp32, this rank's slice)", state.optimizer / GIB),
+        (f"activations ({'recompute' if recompute else 'no recompute'}, peak in backward)",
+         chosen["peak"] / GIB),
+        ("runtime reserve (CUDA context, NCCL, fragmentation)", reserve),
+    ]
+    total = sum(v for _, v in rows)
+    kind = f"every rank: {spec.description}"
+    counts = chosen["per_layer_kind_counts"]
+    lines = [f"plan: {spec.description}, world {world}, window {seq_len} x micro-batch {mbs}, params {dtype}",
+             f"{'item':<72}{'GiB':>10}"]
+    lines += [f"{name:<72}{value:>10.2f}" for name, value in rows]
+    lines.append("activations per layer kind (GiB, without | with recompute):")
+    for layer_kind in ("lightning", "softmax", "moe", "embedding", "head"):
+        n = counts.get(layer_kind, 1)
+        lines.append(f"  {layer_kind:<12} x{n:<4}{acts[False][layer_kind] / GIB:>10.3f} |"
+                     f"{acts[True][layer_kind] / GIB:>10.3f}")
+    lines.append(f"max per-rank memory: {total:.2f} GiB ({kind})")
+    return rows, total, kind, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        device = next((float(a.split("=", 1)[1]) for a in argv if a.startswith("plan.device_memory_gib=")), 80.0)
+        rows, total, kind, lines = plan(argv)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    if total > device:
+        name, value = max(rows, key=lambda r: r[1])
+        print(f"error: plan.device_memory_gib={device:g}: {total:.2f} GiB per rank does not fit; the largest item "
+              f"is {name} at {value:.2f} GiB", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
