@@ -1,7 +1,7 @@
 """Layout-invariant weight initialisation: each element is a function of (seed, parameter name, its index).
 
 A counter-based generator (splitmix64 over the element's flat index in the logical, unsharded tensor, then
-Box-Muller) gives every element its own random number, so a rank that holds any rectangular block of a
+Box-Muller in float32) gives every element its own random number, so a rank that holds any rectangular block of a
 parameter fills exactly that block: no other element, and no RNG stream for them, is ever produced. The same
 seed therefore gives bit-identical logical weights under every parallel layout.
 
@@ -44,11 +44,11 @@ def _splitmix64(key: int, counter: torch.Tensor) -> torch.Tensor:
 
 
 def standard_normal(key: int, index: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) float64 for every element index of the stream `key`: Box-Muller on the two 32-bit halves of
-    the element's 64-bit number (|z| <= 6.8)."""
+    """N(0, 1) float32 for every element index of the stream `key`: Box-Muller on two 24-bit fields of the
+    element's 64-bit number (|z| <= 5.9)."""
     z = _splitmix64(key, index)
-    u1 = (_shr(z, 32).double() + 0.5) * 2.0 ** -32
-    u2 = ((z & 0xFFFFFFFF).double() + 0.5) * 2.0 ** -32
+    u1 = (_shr(z, 40).float() + 0.5) * 2.0 ** -24
+    u2 = (((z >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
@@ -88,13 +88,19 @@ def init_block_(tensor: torch.Tensor, cfg: ModelConfig, name: str, shape: tuple,
     key, flat, device = stream_key(seed, name), tensor.view(-1), tensor.device
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     std = std.to(device) if isinstance(std, torch.Tensor) else std
+    # Trailing dims held whole (the usual case): logical index = local index + the first dim's offset.
+    contiguous = all(n == g and o == 0 for n, g, o in zip(tensor.shape[1:], shape[1:], offsets[1:]))
     for start in range(0, flat.numel(), _CHUNK):
         local = torch.arange(start, min(start + _CHUNK, flat.numel()), device=device)
-        index, row = torch.zeros_like(local), None
-        for d in reversed(range(len(shape))):  # local flat index -> index in the logical tensor
-            local, coord = local.div(tensor.shape[d], rounding_mode="floor"), local % tensor.shape[d]
-            index += (coord + offsets[d]) * strides[d]
-            row = coord + offsets[d]
+        if contiguous:
+            index = local + offsets[0] * strides[0]
+            row = index.div(strides[0], rounding_mode="floor") if isinstance(std, torch.Tensor) else None
+        else:
+            index, row = torch.zeros_like(local), None
+            for d in reversed(range(len(shape))):  # local flat index -> index in the logical tensor
+                local, coord = local.div(tensor.shape[d], rounding_mode="floor"), local % tensor.shape[d]
+                index += (coord + offsets[d]) * strides[d]
+                row = coord + offsets[d]
         scale = std[row] if isinstance(std, torch.Tensor) else std
         flat[start:start + index.numel()] = (standard_normal(key, index) * scale).to(tensor.dtype)
     return tensor

@@ -11,7 +11,8 @@ from dist_harness import run_distributed
 LAYOUTS = {"single": [], "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
            "ep2_etp2": ["parallel.ep=2", "parallel.etp=2"], "tp2_cp2": ["parallel.tp=2", "parallel.cp=2"]}
 WORLD = {"single": 1, "tp2": 2, "ep2_etp2": 4, "tp2_cp2": 4}
-BASE = ["model=tiny", "stage.seq_len=64", "trainer.dtype=fp32"]
+BASE = ["model=tiny", "model.num_layers=2", "model.num_experts=4", "model.ffn_hidden_size=64", "stage.seq_len=64",
+        "trainer.dtype=fp32"]
 
 
 def _allocated(rank, world, overrides):
