@@ -161,7 +161,7 @@ class GradSync:
         """Global L2 norm of the gradient of the whole (unsharded, unreplicated) model; same on every rank."""
         total = torch.zeros((), dtype=torch.float64, device=self.buckets[0].main_grad.device)
         for b in self.buckets:
-            total += b.grad_shard.double().square().sum() * b.norm_weight
+            total += torch.linalg.vector_norm(b.grad_shard).double().square() * b.norm_weight  # no fp64 copy
         if self.topo.world_size > 1:
             dist.all_reduce(total)
         return total.sqrt()

@@ -26,7 +26,7 @@ def _allocated(rank, world, overrides):
     model_cfg = build_model_config(cfg)
     topo = Topology.from_config(cfg.parallel, model_cfg, seq_len=int(cfg.stage.seq_len))
     model = build_model(model_cfg, topo, torch.device("cpu"), 0, False)
-    optimizer, grad_sync = build_optimizer(model, topo, lr=1e-3, impl="foreach")
+    optimizer, _ = build_optimizer(model, topo, lr=1e-3, impl="foreach")
     storages = {}
 
     def count(kind, t):
@@ -61,7 +61,7 @@ def test_planned_state_bytes_equal_the_allocated_bytes(name):
 
 
 def _plan_cli(*args):
-    return subprocess.run([sys.executable, "-m", "trainer.plan", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "trainer.plan", *args], capture_output=True, text=True, check=False, timeout=300)
 
 
 def test_full_model_at_1024_ranks_fits_80gb_in_under_a_minute():

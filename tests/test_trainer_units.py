@@ -16,7 +16,6 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, compose_config
 from trainer.logger import RunLogger, truncate_metrics, wandb_has_credentials
 from trainer.metrics import throughput
-from trainer.optim import param_groups
 from trainer.schedules import BatchSchedule, LRSchedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,13 +198,6 @@ def test_default_config_composes_with_all_groups():
     assert cfg.trainer.name == "tiny" and cfg.trainer.run_dir == "outputs/tiny"
     assert compose_config(["model=small"]).trainer.run_dir == "outputs/small"
     assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0
-
-
-def test_no_weight_decay_on_1d_params():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = param_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and [p.ndim for p in decay["params"]] == [2]
-    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
 
 
 def test_throughput_and_mfu():

@@ -129,7 +129,7 @@ def validate_trainer_config(cfg: DictConfig) -> None:
     _number(cfg, "stage.rope_base", low=1.0, nullable=True)
 
     _choice(cfg, "optim.name", ("adamw",))
-    _choice(cfg, "optim.impl", ("auto", "apex", "fused", "foreach"))
+    _choice(cfg, "optim.impl", ("auto", "fused", "foreach"))
     _number(cfg, "optim.lr", low=0.0)
     _number(cfg, "optim.eps", low=0.0)
     _number(cfg, "optim.weight_decay", low=0.0)

@@ -37,7 +37,7 @@ class LayoutSpec:
     description: str
 
 
-def _check_options(parallel_cfg, optim_cfg) -> None:
+def _check_options(parallel_cfg) -> None:
     from parallel.global_router import ROUTER_MODES
     from parallel.lasp import LASP_MODES
 
@@ -57,11 +57,9 @@ def _check_options(parallel_cfg, optim_cfg) -> None:
          f"parallel.grad_bucket_numel={bucket!r} must be a positive integer or null")
     overlap = parallel_cfg.get("overlap_grad_reduce")
     need(overlap is None or isinstance(overlap, bool), f"parallel.overlap_grad_reduce={overlap!r} must be true|false|null")
-    need(optim_cfg.impl != "apex", "optim.impl=apex is not available (the distributed optimizer shards torch "
-                                   "AdamW); use optim.impl=auto|fused|foreach")
 
 
-def check_layout(parallel_cfg, optim_cfg, world_size: int, model_cfg, seq_len: int) -> LayoutSpec:
+def check_layout(parallel_cfg, world_size: int, model_cfg, seq_len: int) -> LayoutSpec:
     """Validate `cfg.parallel` for this world size, model and window length; ConfigError naming the setting."""
     name = str(parallel_cfg.name)
     from parallel.topology import validate_layout
@@ -71,7 +69,7 @@ def check_layout(parallel_cfg, optim_cfg, world_size: int, model_cfg, seq_len: i
         validate_layout(world_size, **sizes, model_cfg=model_cfg, seq_len=seq_len)
     except ValueError as exc:
         raise ConfigError(f"{exc} (parallel={name}, world size {world_size})") from None
-    _check_options(parallel_cfg, optim_cfg)
+    _check_options(parallel_cfg)
     tp, cp, pp = (int(sizes.get(k, 1)) for k in ("tp", "cp", "pp"))
     ep, etp = int(sizes.get("ep", 1)), int(sizes.get("etp", 1))
     dp = world_size // (tp * cp * pp)

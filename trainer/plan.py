@@ -21,6 +21,7 @@ GIB = 2 ** 30
 PLAN_KEYS = {"world_size": int, "device_memory_gib": float, "runtime_reserve_gib": float}
 # CUDA context, NCCL communicators and allocator fragmentation: not visible to any tensor count
 DEFAULT_RUNTIME_RESERVE_GIB = 2.0
+DEFAULT_DEVICE_MEMORY_GIB = 80.0
 
 
 @dataclass
@@ -72,8 +73,8 @@ def _meta_rank(cfg, model_cfg, world: int, rank: int, param_dtype):
         dist.destroy_process_group()
 
 
-def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, str, list[str]]:
-    """(rows of (item, GiB), max GiB, its rank kind, the printed lines) for the given overrides."""
+def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, list[str], float]:
+    """(rows of (item, GiB), the total GiB, the printed lines, plan.device_memory_gib) for the overrides."""
     from .activation_memory import activation_bytes
     from .layout import check_layout
     from .train import build_model_config
@@ -97,19 +98,19 @@ def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, str, lis
     world = options["world_size"]
     model_cfg = build_model_config(cfg)
     seq_len, mbs = int(cfg.stage.seq_len), int(cfg.trainer.micro_batch_size)
-    spec = check_layout(cfg.parallel, cfg.optim, world, model_cfg, seq_len)
+    spec = check_layout(cfg.parallel, world, model_cfg, seq_len)
     dtype = "bf16" if cfg.trainer.dtype in ("bf16", "auto") else "fp32"  # auto: bf16 on the GPUs planned for
     param_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     topo, state = _meta_rank(cfg, model_cfg, world, 0, param_dtype)
     recompute = bool(cfg.trainer.recompute)
-    sizes = dict(tp=topo.tp, sequence_parallel=topo.sequence_parallel, cp=topo.cp, ep=topo.ep, etp=topo.etp)
+    sizes = {"tp": topo.tp, "sequence_parallel": topo.sequence_parallel, "cp": topo.cp, "ep": topo.ep, "etp": topo.etp}
     acts = {r: activation_bytes(model_cfg, tokens=mbs * seq_len, micro_batch_size=mbs, compute_dtype=dtype, recompute=r,
                                 device_type="cuda", **sizes) for r in (False, True)}
     chosen = acts[recompute]
     reserve = options.get("runtime_reserve_gib", DEFAULT_RUNTIME_RESERVE_GIB)
     rows = [
-        (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, "
-         f"experts {state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
+        (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, experts "
+         + f"{state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
         ("gradients (fp32 main grads + reduce-scatter slices)", state.gradients / GIB),
         ("master weights + AdamW moments (fp32, this rank's slice)", state.optimizer / GIB),
         (f"activations ({'recompute' if recompute else 'no recompute'}, peak in backward)",
@@ -117,7 +118,6 @@ def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, str, lis
         ("runtime reserve (CUDA context, NCCL, fragmentation)", reserve),
     ]
     total = sum(v for _, v in rows)
-    kind = f"every rank: {spec.description}"
     counts = chosen["per_layer_kind_counts"]
     lines = [f"plan: {spec.description}, world {world}, window {seq_len} x micro-batch {mbs}, params {dtype}",
              f"{'item':<72}{'GiB':>10}"]
@@ -125,17 +125,16 @@ def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, str, lis
     lines.append("activations per layer kind (GiB, without | with recompute):")
     for layer_kind in ("lightning", "softmax", "moe", "embedding", "head"):
         n = counts.get(layer_kind, 1)
-        lines.append(f"  {layer_kind:<12} x{n:<4}{acts[False][layer_kind] / GIB:>10.3f} |"
-                     f"{acts[True][layer_kind] / GIB:>10.3f}")
-    lines.append(f"max per-rank memory: {total:.2f} GiB ({kind})")
-    return rows, total, kind, lines
+        without, with_recompute = acts[False][layer_kind] / GIB, acts[True][layer_kind] / GIB
+        lines.append(f"  {layer_kind:<12} x{n:<4}{without:>10.3f} |{with_recompute:>10.3f}")
+    lines.append(f"max per-rank memory: {total:.2f} GiB (every rank: {spec.description})")
+    return rows, total, lines, options.get("device_memory_gib", DEFAULT_DEVICE_MEMORY_GIB)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        device = next((float(a.split("=", 1)[1]) for a in argv if a.startswith("plan.device_memory_gib=")), 80.0)
-        rows, total, kind, lines = plan(argv)
+        rows, total, lines, device = plan(argv)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

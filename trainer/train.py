@@ -64,7 +64,7 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     validate_trainer_config(cfg)
     model_cfg = build_model_config(cfg)
     seq_len, mbs = int(cfg.stage.seq_len), int(cfg.trainer.micro_batch_size)
-    layout = check_layout(cfg.parallel, cfg.optim, env.world_size, model_cfg, seq_len)
+    layout = check_layout(cfg.parallel, env.world_size, model_cfg, seq_len)
 
     lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
     batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
