@@ -22,6 +22,7 @@ Prints the table last; writes bench/results/moe_<preset>.json (moe_ep<N>_etp<M>_
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -135,7 +136,7 @@ def bench_single(args, shape, device, dtype, peak) -> list[dict]:
 
 
 def bench_expert_parallel(args, shape, device, dtype) -> list[dict]:
-    from parallel.moe_parallel import make_moe_expert_parallel
+    from parallel.moe_parallel import ExpertParallelMoE
 
     world, rank = dist.get_world_size(), dist.get_rank()
     etp = args.etp
@@ -156,7 +157,7 @@ def bench_expert_parallel(args, shape, device, dtype) -> list[dict]:
     rows = []
     for mode in ("global", "local"):
         for groups in (1, 2):
-            layer = make_moe_expert_parallel(full, ep_group, etp_group, router_mode=mode, overlap_groups=groups)
+            layer = ExpertParallelMoE.convert(copy.deepcopy(full), ep_group, etp_group, router_mode=mode, overlap_groups=groups)
 
             def step(layer=layer):
                 layer.zero_grad(set_to_none=True)

@@ -1,13 +1,11 @@
-"""Swap a single-process `model.moe.MoE` for its expert-parallel version (EP x ETP, global or local router).
+"""The expert-parallel version of `model.moe.MoE` (EP x ETP, global or local router), converted in place.
 
-The swap keeps the router (replicated, a dense parameter), slices this rank's experts out of the full weights,
-and overrides the three seams of MoE: `capacity` (global or local rule on the router group's gathered demand),
+The conversion keeps the router (replicated, a dense parameter), keeps this rank's block of the experts, and
+overrides the three seams of MoE: `capacity` (global or local rule on the router group's gathered demand),
 `aux_loss` (group statistics in global mode) and `experts_forward` (the EP/ETP dispatcher).
 """
 
 from __future__ import annotations
-
-from torch import nn
 
 from model.moe import MoE, Routing
 
@@ -22,6 +20,8 @@ from .global_router import (
     kept_counts,
     scale_grad,
 )
+from .shard import mark_partial_over_tp
+from .tensor_parallel import gather_from_sequence_region, scatter_to_sequence_region
 
 
 class ExpertParallelMoE(MoE):
@@ -32,22 +32,28 @@ class ExpertParallelMoE(MoE):
     load_share_min/max/mean.
     """
 
-    def __init__(self, moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
-                 ranks_per_micro_batch: int = 1):
-        nn.Module.__init__(self)
+    @classmethod
+    def convert(cls, moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
+                ranks_per_micro_batch: int = 1, tp_group=None, split_tokens: bool = False) -> ExpertParallelMoE:
+        """Make `moe` this rank's expert-parallel MoE in place (every rank of the EP x ETP group calls it).
+
+        ranks_per_micro_batch: ranks that hold parts of one micro-batch (tp * cp), for the aux loss's gradient
+        scale; tp_group: under TP the router sees different tokens per TP rank (its gradient is partial over TP);
+        split_tokens: TP without SP hands every TP rank all tokens, so each routes its contiguous 1/tp of them."""
         ep, etp = group_size(ep_group), group_size(etp_group)
         E, _, ffn = moe.experts.w_gate.shape
         check_expert_parallel_sizes(E, ffn, ep, etp, overlap_groups)
         if router_mode not in ROUTER_MODES:
             raise ValueError(f"router.mode={router_mode!r} must be one of {list(ROUTER_MODES)}")
-        self.num_experts, self.top_k = moe.num_experts, moe.top_k
-        self.capacity_factor, self.aux_loss_coef = moe.capacity_factor, moe.aux_loss_coef
-        self.gate = moe.gate
-        self.experts = shard_experts(moe.experts, ep, group_rank(ep_group), etp, group_rank(etp_group))
-        self.ep_group, self.etp_group = ep_group, etp_group
-        self.router_mode, self.overlap_groups = router_mode, overlap_groups
+        moe.__class__ = cls
+        shard_experts(moe.experts, ep, group_rank(ep_group), etp, group_rank(etp_group))
+        if group_size(tp_group) > 1:
+            mark_partial_over_tp(moe.gate.weight)
+        moe.tp_group, moe.split_tokens = tp_group, split_tokens
+        moe.ep_group, moe.etp_group = ep_group, etp_group
+        moe.router_mode, moe.overlap_groups = router_mode, overlap_groups
         # Router group = EP x ETP ranks, ETP index fastest; see parallel/global_router.py.
-        self.router_rank = group_rank(ep_group) * etp + group_rank(etp_group)
+        moe.router_rank = group_rank(ep_group) * etp + group_rank(etp_group)
         # Aux-loss convention, the same for every layout (single process, DP, TP, CP, EP, global or local rule):
         # a step's aux loss is the MEAN over all router groups and micro-batches of the Switch loss computed on
         # that router group's tokens. A router group is one micro-batch for the plain model, TP and CP (whose
@@ -58,9 +64,9 @@ class ExpertParallelMoE(MoE):
         # group must be scaled by dp / (router groups) = (router group size) / (ranks per micro-batch):
         # ep*etp / (tp*cp) for the global rule, 1 / (tp*cp) for the local rule (tests/test_trainer_parallel.py).
         group_ranks = ep * etp if router_mode == "global" else 1
-        self.aux_loss_scale = group_ranks / float(ranks_per_micro_batch)
-        self.last_stats = {}
-        self._group_counts = None
+        moe.aux_loss_scale = group_ranks / float(ranks_per_micro_batch)
+        moe._group_counts = None
+        return moe
 
     def capacity(self, routing: Routing, num_tokens: int):
         demand = gather_group_counts(routing.tokens_per_expert, (self.etp_group, self.ep_group))
@@ -81,26 +87,9 @@ class ExpertParallelMoE(MoE):
                                        self.ep_group, self.etp_group, self.overlap_groups)
 
     def forward(self, x):
+        if self.split_tokens:
+            x = scatter_to_sequence_region(x, self.tp_group)
         out = super().forward(x)
         self.last_stats.update(group_stats(*self._group_counts))
         self._group_counts = None
-        return out
-
-
-def make_moe_expert_parallel(moe: MoE, ep_group, etp_group, router_mode: str = "global", overlap_groups: int = 1,
-                             ranks_per_micro_batch: int = 1) -> ExpertParallelMoE:
-    """The expert-parallel replacement of `moe` for this rank (call on every rank, same full weights).
-
-    ranks_per_micro_batch: ranks that hold parts of one micro-batch (tp * cp); sets the aux loss's gradient scale."""
-    return ExpertParallelMoE(moe, ep_group, etp_group, router_mode, overlap_groups, ranks_per_micro_batch)
-
-
-def parallelize_moe_layers(model: nn.Module, ep_group, etp_group, router_mode: str = "global",
-                           overlap_groups: int = 1, ranks_per_micro_batch: int = 1) -> nn.Module:
-    """Replace every MoE submodule of `model` in place (e.g. `layer.mlp` of each decoder layer)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is MoE:
-                setattr(parent, name, make_moe_expert_parallel(child, ep_group, etp_group, router_mode,
-                                                               overlap_groups, ranks_per_micro_batch))
-    return model
+        return gather_from_sequence_region(out, self.tp_group) if self.split_tokens else out

@@ -6,10 +6,11 @@ for its parallel version and every parameter keeps only this rank's block, descr
 checkpoints (`parallel.checkpoint`) map between layouts by name. A whole model on a real device is cut the
 same way (tests compare layouts with it).
 
-Order: TP/SP (attention, embedding, LM head, norms), then CP (attention cores; `parallel.context_parallel`),
-then the MoE: EP/ETP (`parallel.moe_parallel`) when ep*etp > 1, else `TensorParallelMoE` when TP or CP split
-a micro-batch's tokens; parameters replicated over TP but fed different tokens (SP norms, the router) are
-marked partial over TP.
+One mechanism: every layer that changes is converted in place to its parallel subclass (`Cls.convert`), once,
+with all of its dimensions: attention for TP x CP (`parallel.attention_parallel`), the MoE for EP x ETP
+(`parallel.moe_parallel`) or, with replicated experts, for the TP x CP token group
+(`parallel.tensor_parallel.TensorParallelMoE`), and the model for the vocabulary-parallel embedding and head.
+Parameters replicated over TP but fed different tokens (SP norms, the router) are marked partial over TP.
 
 Data: every TP rank of a DP replica gets the same micro-batches (SP splits tokens inside the model); DP ranks
 take disjoint windows (`data_parallel_slice`); CP ranks then take their zigzag chunks (`parallel.zigzag`).
@@ -17,38 +18,11 @@ take disjoint windows (`data_parallel_slice`); CP ranks then take their zigzag c
 
 from __future__ import annotations
 
-from model.attention import LightningAttention, SoftmaxAttention
-from model.moe import MoE
-
+from .attention_parallel import ContextParallel, parallelize_attention
+from .moe_parallel import ExpertParallelMoE
 from .shard import finish_specs, mark_partial_over_tp
-from .tensor_parallel import (
-    TensorParallelCausalLM,
-    TensorParallelLightningAttention,
-    TensorParallelMoE,
-    TensorParallelSoftmaxAttention,
-    gather_from_sequence_region,
-    scatter_to_sequence_region,
-)
+from .tensor_parallel import TensorParallelCausalLM, TensorParallelMoE
 from .topology import Topology
-
-
-def _split_moe_tokens(moe, tp_group) -> None:
-    """Without SP, an expert-parallel MoE still needs distinct tokens per TP rank: slice in, gather out."""
-    inner = moe.forward
-    moe.forward = lambda x: gather_from_sequence_region(inner(scatter_to_sequence_region(x, tp_group)), tp_group)
-
-
-def _apply_expert_parallel(model, topo: Topology, router_mode: str, overlap_groups: int) -> None:
-    from .moe_parallel import parallelize_moe_layers
-
-    # TP x CP peers share a micro-batch: the aux loss's gradient scale depends on it (see ExpertParallelMoE)
-    parallelize_moe_layers(model, topo.ep_group, topo.etp_group, router_mode, overlap_groups,
-                           ranks_per_micro_batch=topo.tp * topo.cp)
-    for module in model.modules():
-        if isinstance(module, MoE) and topo.tp > 1:
-            mark_partial_over_tp(module.gate.weight)
-            if not topo.sequence_parallel:
-                _split_moe_tokens(module, topo.tp_group)
 
 
 def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_overlap_groups: int | None = None,
@@ -63,30 +37,28 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
     opts = topo.options
     router_mode = router_mode or opts.get("router_mode") or "global"
     moe_overlap_groups = int(moe_overlap_groups or opts.get("moe_overlap_groups") or 1)
-    lasp_mode = lasp_mode or opts.get("lasp_mode") or "allgather"
-    window_len = window_len or topo.seq_len
+    cp = None
+    if topo.cp > 1:
+        cp = ContextParallel.for_window(topo.cp_group, window_len or topo.seq_len,
+                                        lasp_mode or opts.get("lasp_mode") or "allgather")
     tp, sp = topo.tp_group, topo.sequence_parallel
+    for layer in model.layers:
+        if topo.tp > 1 or cp is not None:
+            parallelize_attention(layer.self_attn, tp, sp, cp)
+        if topo.tp > 1 and sp:  # each TP rank normalises different tokens: its norm gradients are partial
+            mark_partial_over_tp(layer.input_layernorm.weight)
+            mark_partial_over_tp(layer.post_attention_layernorm.weight)
+        if topo.ep * topo.etp > 1:
+            # TP x CP peers share a micro-batch: the aux loss's gradient scale depends on it
+            ExpertParallelMoE.convert(layer.mlp, topo.ep_group, topo.etp_group, router_mode, moe_overlap_groups,
+                                      ranks_per_micro_batch=topo.tp * topo.cp, tp_group=tp,
+                                      split_tokens=topo.tp > 1 and not sp)
+        elif topo.tp > 1 or cp is not None:  # one micro-batch's tokens are split over TP x CP: exact group routing
+            TensorParallelMoE.convert(layer.mlp, tp, sp, token_group=topo.tp_cp_group)
     if topo.tp > 1:
-        for layer in model.layers:
-            if isinstance(layer.self_attn, LightningAttention):
-                TensorParallelLightningAttention.convert(layer.self_attn, tp, sp)
-            elif isinstance(layer.self_attn, SoftmaxAttention):
-                TensorParallelSoftmaxAttention.convert(layer.self_attn, tp, sp)
-            if sp:  # each TP rank normalises different tokens: its norm gradients are partial
-                mark_partial_over_tp(layer.input_layernorm.weight)
-                mark_partial_over_tp(layer.post_attention_layernorm.weight)
         if sp:
             mark_partial_over_tp(model.norm.weight)
         TensorParallelCausalLM.convert(model, tp, sp)
-    if topo.cp > 1:
-        from .context_parallel import apply_context_parallel
-
-        apply_context_parallel(model, topo.cp_group, lasp_mode, window_len)
-    if topo.ep * topo.etp > 1:
-        _apply_expert_parallel(model, topo, router_mode, moe_overlap_groups)
-    elif topo.tp > 1 or topo.cp > 1:  # one micro-batch's tokens are split over TP x CP: exact group routing
-        for layer in model.layers:
-            TensorParallelMoE.convert(layer.mlp, tp, sp, token_group=topo.tp_cp_group)
     finish_specs(model)
     model.topology = topo
     return model

@@ -1,8 +1,9 @@
 """Tensor parallelism with optional sequence parallelism (Megatron-style), device-agnostic.
 
 Layout over the TP group (rank r of n):
-- column-parallel projections keep output rows r*out/n ..: lightning qkv/gate and softmax q/k/v, split by
-  (KV) heads, and the LM head split by vocabulary; row-parallel projections keep input columns (out_proj, o_proj);
+- column-parallel projections keep output rows r*out/n .. (attention q/k/v split by heads, the LM head by
+  vocabulary); row-parallel projections keep input columns (the attention output projections). The attention
+  layers themselves are converted in `parallel.attention_parallel`, together with context parallelism;
 - the embedding keeps vocabulary rows r*V/n ..; the chunked head + cross-entropy runs on the vocabulary shard;
 - the lightning RMSNorm over all heads keeps this rank's channels and all-reduces its sum of squares;
 - everything else (norms, router, experts) is replicated.
@@ -21,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import LightningAttention, SoftmaxAttention
 from model.moe import MoE, Routing, capacity_keep_mask, count_per_expert, expert_capacity
 from model.norm import RMSNorm
 from model.transformer import MiniMaxForCausalLM, ModelOutput
@@ -105,7 +105,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return exit_tp_region(out, self.tp_group, self.sequence_parallel)
 
 
-# ---- attention ----------------------------------------------------------------------------------------------
+# ---- the lightning norm over split heads (used by parallel.attention_parallel) -----------------------------
 class TensorParallelRMSNorm(RMSNorm):
     """RMSNorm over a dimension split across TP: this rank's channels, statistics over all of them."""
 
@@ -124,45 +124,6 @@ class TensorParallelRMSNorm(RMSNorm):
         sumsq = all_reduce(copy_to_group(x32.pow(2).sum(-1, keepdim=True), self.tp_group), self.tp_group)
         x32 = x32 * torch.rsqrt(sumsq / self.full_dim + self.eps)
         return self.weight * x32.to(dtype)
-
-
-class TensorParallelLightningAttention(LightningAttention):
-    """This rank's heads: qkv/gate column-parallel, the norm over all heads exact, out_proj row-parallel."""
-
-    @classmethod
-    def convert(cls, attn: LightningAttention, group, sequence_parallel: bool):
-        n, r = group_size(group), group_rank(group)
-        attn.__class__ = cls
-        attn.tp_group, attn.sequence_parallel = group, sequence_parallel
-        shard_column_parallel(attn.qkv_proj, group)  # rows are [q_h | k_h | v_h] per head: split by heads
-        shard_column_parallel(attn.output_gate, group)
-        shard_row_parallel(attn.out_proj, group)
-        TensorParallelRMSNorm.convert(attn.norm, group)
-        attn.num_heads //= n
-        attn._slopes = attn._slopes.chunk(n)[r].clone()
-        attn._slopes_on = {}  # drop per-device copies of the full set
-        return attn
-
-    def forward(self, x, cu_seqlens, positions):  # the single-process layer on this rank's heads
-        g, sp = self.tp_group, self.sequence_parallel
-        return exit_tp_region(super().forward(enter_tp_region(x, g, sp), cu_seqlens, positions), g, sp)
-
-
-class TensorParallelSoftmaxAttention(SoftmaxAttention):
-    """This rank's query heads and the KV heads they read (num_kv_heads % tp == 0 keeps GQA groups local)."""
-
-    @classmethod
-    def convert(cls, attn: SoftmaxAttention, group, sequence_parallel: bool):
-        attn.__class__ = cls
-        attn.tp_group, attn.sequence_parallel = group, sequence_parallel
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            shard_column_parallel(proj, group)
-        shard_row_parallel(attn.o_proj, group)
-        return attn
-
-    def forward(self, x, cu_seqlens, positions):  # the single-process layer on this rank's heads
-        g, sp = self.tp_group, self.sequence_parallel
-        return exit_tp_region(super().forward(enter_tp_region(x, g, sp), cu_seqlens, positions), g, sp)
 
 
 # ---- MoE with replicated experts (ep = etp = 1) ------------------------------------------------------------

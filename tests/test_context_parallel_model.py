@@ -11,7 +11,7 @@ from dist_harness import run_distributed
 
 from model.config import ModelConfig
 from model.transformer import MiniMaxForCausalLM
-from parallel.context_parallel import apply_context_parallel
+from parallel.attention_parallel import ContextParallel, parallelize_attention
 from parallel.tensor_parallel import TensorParallelMoE
 from parallel.zigzag import shard_batch
 
@@ -40,8 +40,10 @@ def _model_vs_full(rank, cp, lasp_mode):
     group = dist.group.WORLD
     torch.manual_seed(0)
     reference = MiniMaxForCausalLM(_config())
-    cp_model = apply_context_parallel(copy.deepcopy(reference), group, lasp_mode, T)
+    cp_model = copy.deepcopy(reference)
+    layout = ContextParallel.for_window(group, T, lasp_mode)
     for layer in cp_model.layers:  # as `parallelize` does for cp > 1, tp = 1: whole-window aux loss
+        parallelize_attention(layer.self_attn, None, False, layout)
         TensorParallelMoE.convert(layer.mlp, None, False, token_group=group)
     results = {}
     for name, cu in CASES.items():

@@ -7,6 +7,7 @@ parallel/global_router.py. Trainer convention: rank loss = loss_sum / global tok
 summed over data-parallel ranks (dense: the world; experts: EP x ETP inside the layer, then EDP).
 """
 
+import copy
 import types
 
 import pytest
@@ -20,7 +21,7 @@ from model.transformer import MiniMaxForCausalLM
 from parallel.collectives import all_gather
 from parallel.expert_parallel import check_expert_parallel_sizes
 from parallel.global_router import capacity_per_rank, group_keep_mask, kept_counts
-from parallel.moe_parallel import make_moe_expert_parallel, parallelize_moe_layers
+from parallel.moe_parallel import ExpertParallelMoE
 from parallel.shard import spec_of
 
 WORLD = 4
@@ -139,7 +140,8 @@ def parallel_run(state, groups, mode, overlap_groups):
     rank = dist.get_rank()
     model = MiniMaxForCausalLM(tiny_cfg())
     model.load_state_dict(state)
-    parallelize_moe_layers(model, ep_group, etp_group, router_mode=mode, overlap_groups=overlap_groups)
+    for layer in model.layers:
+        ExpertParallelMoE.convert(layer.mlp, ep_group, etp_group, router_mode=mode, overlap_groups=overlap_groups)
     losses, grads, stats = [], [], []
     for step in range(2):
         ids, cu, labels = make_batches(step)[rank]
@@ -190,7 +192,7 @@ def skewed_layer_drops(groups, mode):
     with torch.no_grad():
         moe.gate.weight.zero_()
         moe.gate.weight[:, :E] = 10 * torch.eye(E)
-    layer = make_moe_expert_parallel(moe, ep_group, etp_group, router_mode=mode)
+    layer = ExpertParallelMoE.convert(moe, ep_group, etp_group, router_mode=mode)
     x = 0.1 * torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
     x[:, 2 * rank % E] += 1.0
     x[:, (2 * rank + 1) % E] += 0.9
@@ -203,7 +205,7 @@ def invalid_sizes(groups):
     errors = []
     for kw in ({"num_experts": 5}, {"ffn_hidden_size": 129}):
         try:
-            make_moe_expert_parallel(MoE(tiny_cfg(**kw)), ep_group, etp_group)
+            ExpertParallelMoE.convert(MoE(tiny_cfg(**kw)), ep_group, etp_group)
         except ValueError as e:
             errors.append(str(e))
     return errors
@@ -293,7 +295,7 @@ def _gpu_worker(rank, world, ep, etp, autocast):
         return y.float().cpu(), xr.grad.cpu(), grads, int(layer.last_stats["dropped"])
 
     reference = run(full)  # not expert-parallel: every gradient summed over the ranks
-    return {G: run(make_moe_expert_parallel(full, ep_group, etp_group, "local", G)) for G in (1, 2, 4)}, reference
+    return {G: run(ExpertParallelMoE.convert(copy.deepcopy(full), ep_group, etp_group, "local", G)) for G in (1, 2, 4)}, reference
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -319,4 +321,4 @@ def test_invalid_sizes_one_line():
     with pytest.raises(ValueError, match=r"^moe.overlap_groups=0 must be >= 1$"):
         check_expert_parallel_sizes(8, 256, 2, 2, overlap_groups=0)
     with pytest.raises(ValueError, match=r"^router.mode='nearest'"):
-        make_moe_expert_parallel(MoE(tiny_cfg()), None, None, router_mode="nearest")
+        ExpertParallelMoE.convert(MoE(tiny_cfg()), None, None, router_mode="nearest")

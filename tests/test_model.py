@@ -137,7 +137,7 @@ def test_unknown_key_is_rejected():
 
 
 def test_recompute_gives_the_same_gradients(monkeypatch):
-    import model.transformer as transformer
+    from model import transformer
 
     torch.manual_seed(0)
     ids = torch.randint(0, 61, (24,))

@@ -193,7 +193,7 @@ def test_tp2_dp2_matches_single_process(setup):
 
 
 def test_context_and_expert_parallel_through_parallelize(setup):
-    """parallelize wires CP (parallel.context_parallel) and EP (parallel.moe_parallel) with TP/SP and the grad
+    """parallelize wires CP (parallel.attention_parallel) and EP (parallel.moe_parallel) with TP/SP and the grad
     sync. TP x CP routes the whole micro-batch exactly; EP's global router only equals the single-process
     model without token drop and aux loss, so that part uses such a model."""
     cfg, batches, ref = setup
