@@ -4,7 +4,10 @@ For every `GradSync` bucket, rank r of the bucket's shard group owns slice r of 
 weights are fp32: the slice of the parameter buffer itself when parameters are fp32 (then this is exactly the
 single-process torch AdamW, element by element), an fp32 copy of it when parameters are in a lower compute
 dtype (bf16 on GPU). A plain torch AdamW (fused or foreach) updates the master slice from the reduce-scattered
-fp32 gradient slice; the updated slice is written back in the compute dtype and the bucket all-gathered.
+fp32 gradient slice; the updated slice is written back in the compute dtype and the bucket all-gathered. With
+`overlap_param_gather` (default on CUDA) the all-gathers run while the next forward starts: each decoder layer
+(and the embedding) waits, in a forward pre-hook, only for the buckets holding its parameters, and the final
+norm waits for the rest (the LM head reads its weight outside its own forward).
 Bytes per parameter: compute dtype + 4 (main grad) + (4 master + 8 moments) / shard group size.
 
 megatron-core's DistributedOptimizer is not used: it needs its own DDP wrapper and CUDA-resident buffers.
@@ -36,6 +39,8 @@ class DistributedAdamW:
     def __init__(self, grad_sync: GradSync, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, impl: str = "auto"):
         self.grad_sync, self.topo = grad_sync, grad_sync.topo
+        self.overlap_param_gather = False
+        self._gathers: dict = {}  # bucket index -> the all-gather still in flight
         self.masters: list[torch.nn.Parameter] = []
         decay, no_decay = [], []
         for b in grad_sync.buckets:
@@ -61,7 +66,10 @@ class DistributedAdamW:
     @torch.no_grad()
     def publish(self) -> None:
         """Master slices -> parameters in the compute dtype -> every rank of each shard group."""
-        for master, b in zip(self.masters, self.grad_sync.buckets):
+        self.wait_params()
+        buckets = self.grad_sync.buckets
+        for i in reversed(range(len(buckets))):  # buckets are in backward order: start the forward's first
+            b, master = buckets[i], self.masters[i]
             lo, hi = b.shard
             mine = b.flat_params[lo:hi]
             if mine.data_ptr() != master.data_ptr():
@@ -69,7 +77,30 @@ class DistributedAdamW:
             group = self.grad_sync.group(b.shard_group)
             if group_size(group) > 1:
                 # NCCL gathers in place when the input is this rank's slice of the output; gloo needs a copy.
-                all_gather_flat(b.flat_params, mine if mine.is_cuda else mine.clone(), group=group)
+                work = all_gather_flat(b.flat_params, mine if mine.is_cuda else mine.clone(), group=group,
+                                       async_op=self.overlap_param_gather)
+                if work is not None:
+                    self._gathers[i] = work
+
+    def wait_params(self, buckets=None) -> None:
+        """Finish the parameter all-gathers of `buckets` (indices; default all) still in flight."""
+        for i in list(self._gathers) if buckets is None else buckets:
+            work = self._gathers.pop(i, None)
+            if work is not None:
+                work.wait()
+
+    def overlap_with_forward(self, model: torch.nn.Module) -> None:
+        """Let the next forward start before every parameter has arrived (see the module docstring)."""
+        index = {id(p): i for i, b in enumerate(self.grad_sync.buckets) for p in b.params}
+
+        def waiter(module):
+            buckets = sorted({index[id(p)] for p in module.parameters() if id(p) in index})
+            return lambda *_: self.wait_params(buckets)
+
+        for module in (model.embed_tokens, *model.layers):
+            module.register_forward_pre_hook(waiter(module))
+        model.norm.register_forward_pre_hook(lambda *_: self.wait_params())
+        self.overlap_param_gather = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad_sync.zero_grad()
@@ -96,12 +127,21 @@ class DistributedAdamW:
 
 def build_optimizer(model: torch.nn.Module, topo, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     weight_decay: float = 0.1, impl: str = "auto", bucket_numel: int | None = None,
-                    overlap: bool | None = None) -> tuple[DistributedAdamW, GradSync]:
+                    overlap: bool | None = None, overlap_param_gather: bool | None = None
+                    ) -> tuple[DistributedAdamW, GradSync]:
     """GradSync over `model` plus the distributed AdamW on its buckets (call after `parallelize`).
 
-    bucket_numel / overlap default to the parallel config's grad_bucket_numel / overlap_grad_reduce
-    (null: 40M elements / on with CUDA)."""
-    bucket_numel = bucket_numel or topo.options.get("grad_bucket_numel") or DEFAULT_BUCKET_NUMEL
-    overlap = topo.options.get("overlap_grad_reduce") if overlap is None else overlap
+    bucket_numel / overlap / overlap_param_gather default to the parallel config's grad_bucket_numel /
+    overlap_grad_reduce / overlap_param_gather (null: 40M elements / on with CUDA / on with CUDA)."""
+    options = topo.options
+    bucket_numel = bucket_numel or options.get("grad_bucket_numel") or DEFAULT_BUCKET_NUMEL
+    overlap = options.get("overlap_grad_reduce") if overlap is None else overlap
     grad_sync = GradSync(model, topo, bucket_numel=int(bucket_numel), overlap=overlap)
-    return DistributedAdamW(grad_sync, lr, betas, eps, weight_decay, impl), grad_sync
+    optimizer = DistributedAdamW(grad_sync, lr, betas, eps, weight_decay, impl)
+    if overlap_param_gather is None:
+        overlap_param_gather = options.get("overlap_param_gather")
+    if overlap_param_gather is None:
+        overlap_param_gather = grad_sync.buckets[0].flat_params.is_cuda
+    if overlap_param_gather:
+        optimizer.overlap_with_forward(model)
+    return optimizer, grad_sync

@@ -93,7 +93,7 @@ def build_parallel(cfg, topo, overlap=False, bucket_numel=5000):
 
     model = parallelize(build_model(cfg), topo)
     opt, grad_sync = build_optimizer(model, topo, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                                     bucket_numel=bucket_numel, overlap=overlap)
+                                     bucket_numel=bucket_numel, overlap=overlap, overlap_param_gather=overlap)
     return model, opt, grad_sync
 
 
@@ -125,6 +125,7 @@ def train_steps(model, opt, grad_sync, topo, batches) -> dict:
             first_grads = {n: gather_full(grads[n], topo, p) for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
+    opt.wait_params()  # with overlap_param_gather the last all-gathers would finish in the next forward
     return {"losses": losses, "norms": norms, "grads": first_grads,
             "params": {n: gather_full(p, topo, p) for n, p in model.named_parameters()}}
 
@@ -133,10 +134,10 @@ def parallel_run(cfg, batches, topo, overlap=False, bucket_numel=5000) -> dict:
     return train_steps(*build_parallel(cfg, topo, overlap, bucket_numel), topo, batches)
 
 
-def assert_matches(ref: dict, got: dict, label: str) -> None:
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0,
+def assert_matches(ref: dict, got: dict, label: str, rtol: float = 1e-6) -> None:
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=0,
                                msg=lambda m: f"{label} losses: {m}")
-    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0,
+    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=rtol, atol=0,
                                msg=lambda m: f"{label} grad norms: {m}")
     for key in ("grads", "params"):
         assert got[key].keys() == ref[key].keys(), label
@@ -144,7 +145,7 @@ def assert_matches(ref: dict, got: dict, label: str) -> None:
             have = got[key][name]
             assert have.shape == want.shape, f"{label} {key} {name}: shape {tuple(have.shape)} != {tuple(want.shape)}"
             err = float((have - want).norm() / want.norm().clamp(min=1e-30))
-            assert err < 1e-5, f"{label} {key} {name}: relative error {err:.2e}"
+            assert err < rtol, f"{label} {key} {name}: relative error {err:.2e}"
 
 
 def _train_layouts(rank, world, jobs):
@@ -202,5 +203,7 @@ def test_context_and_expert_parallel_through_parallelize(setup):
     jobs = [(cfg, batches, {"tp": 2, "cp": 2, "sequence_parallel": True}, True),
             (plain, plain_batches, {"tp": 2, "ep": 2, "sequence_parallel": True}, False)]
     results = list(run_distributed(_train_layouts, 4, jobs)[0].items())
-    assert_matches(ref, results[0][1], results[0][0])
-    assert_matches(reference_run(plain, plain_batches), results[1][1], results[1][0])
+    # LASP+ sums the lightning states and EP the expert outputs in another order; Adam's normalisation
+    # turns those last-bit differences of small gradients into ~1e-6 of the parameters after 3 steps
+    assert_matches(ref, results[0][1], results[0][0], rtol=3e-6)
+    assert_matches(reference_run(plain, plain_batches), results[1][1], results[1][0], rtol=3e-6)

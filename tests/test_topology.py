@@ -83,12 +83,14 @@ def test_parallel_presets_validate_for_the_full_model():
 
     from omegaconf import OmegaConf
 
+    from trainer.config import compose_config
+
     conf = Path(__file__).resolve().parent.parent / "conf"
     model = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(conf / "model" / "minimax_text_01.yaml")))
     presets = sorted(p for p in (conf / "parallel").glob("*.yaml") if p.name != "single.yaml")
     assert presets
     for path in presets:
-        preset = OmegaConf.load(path)
+        preset = compose_config([f"parallel={path.stem}"]).parallel
         assert preset.name == path.stem
         world = 2 * math.lcm(preset.tp * preset.cp * preset.pp, preset.ep * preset.etp * preset.pp)
         topo = Topology.from_config(preset, model, 8192, world_size=world, rank=world - 1)
