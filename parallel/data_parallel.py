@@ -7,7 +7,8 @@ grad and shard groups and replica count, weight decay, dtype, device). A bucket 
   so micro-batches accumulate in fp32 whatever the compute dtype.
 Both are padded to a multiple of the shard group (DP x CP for dense parameters, EDP for experts: the ranks
 holding identical copies). After the last micro-batch's backward each bucket's `main_grad` is reduce-scattered
-over that group: rank r keeps slice r (`grad_shard`), summed over every rank that saw other tokens; parameters
+over that group: rank r keeps slice r (`grad_shard`: in place, the slice of `main_grad` itself, except on CPU
+where gloo needs a separate output), summed over every rank that saw other tokens; parameters
 partial over TP (SP norms, the router) are then summed over TP too, slice only. With `overlap` (default on
 CUDA) a bucket's reduce-scatter starts as soon as its last gradient has arrived, while the backward goes on;
 buckets start in the same order on every rank, so the collectives match.
@@ -103,7 +104,8 @@ class GradSync:
             p.data = view  # the model's parameters now live in the flat buffer
         size = padded // n
         b.shard = (group_rank(group) * size, (group_rank(group) + 1) * size)
-        b.grad_shard = b.main_grad[b.shard[0]:b.shard[1]] if n == 1 else b.main_grad.new_zeros(size)
+        in_place = n == 1 or p0.device.type != "cpu"  # NCCL reduce-scatters into a slice of its input
+        b.grad_shard = b.main_grad[b.shard[0]:b.shard[1]] if in_place else b.main_grad.new_zeros(size)
 
     def group(self, name: str):
         return self.topo.groups[name]

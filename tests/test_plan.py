@@ -35,7 +35,8 @@ def _allocated(rank, world, overrides):
     for b, master, moments in optimizer.slices():
         count("parameters", b.flat_params)
         count("gradients", b.main_grad)
-        count("gradients", b.grad_shard)
+        # gloo needs a separate reduce-scatter output; on CUDA (and so in the plan) it is a slice of main_grad
+        count("gradients" if b.grad_shard._base is b.main_grad else "gloo_grad_slices", b.grad_shard)
         if master.untyped_storage().data_ptr() != b.flat_params.untyped_storage().data_ptr():
             count("optimizer", master)
         for m in moments.values():

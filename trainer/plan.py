@@ -111,7 +111,7 @@ def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, list[str
     rows = [
         (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, experts "
          + f"{state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
-        ("gradients (fp32 main grads + reduce-scatter slices)", state.gradients / GIB),
+        ("gradients (fp32 main grads; reduce-scattered in place)", state.gradients / GIB),
         ("master weights + AdamW moments (fp32, this rank's slice)", state.optimizer / GIB),
         (f"activations ({'recompute' if recompute else 'no recompute'}, peak in backward)",
          chosen["peak"] / GIB),
