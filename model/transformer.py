@@ -50,12 +50,15 @@ class DecoderLayer(nn.Module):
 
 
 class MiniMaxForCausalLM(nn.Module):
+    """`layers` is keyed by the global layer index: a pipeline stage keeps only its own layers (and the first
+    stage the embedding, the last the norm and head; the others are None) under the same parameter names."""
+
     def __init__(self, cfg: ModelConfig, recompute: bool = False, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.recompute = recompute  # activation checkpointing per decoder layer
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -69,22 +72,25 @@ class MiniMaxForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             init_block_(p.data, self.cfg, name, tuple(p.shape), (0,) * p.ndim, seed)
 
-    def hidden_states(self, input_ids, cu_seqlens, positions=None):
-        if positions is None:
-            positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+    def run_layers(self, x, cu_seqlens, positions, layers):
+        for layer in layers:
             if self.recompute and self.training:
                 x = checkpoint(layer, x, cu_seqlens, positions, use_reentrant=False)
             else:
                 x = layer(x, cu_seqlens, positions)
+        return x
+
+    def hidden_states(self, input_ids, cu_seqlens, positions=None):
+        if positions is None:
+            positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
+        x = self.run_layers(self.embed_tokens(input_ids), cu_seqlens, positions, self.layers.values())
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [T] packed tokens; cu_seqlens [N+1] document boundaries; labels [T] with -100 = ignore."""
         h = self.hidden_states(input_ids, cu_seqlens, positions)
-        stats = [layer.mlp.last_stats for layer in self.layers]
+        stats = [layer.mlp.last_stats for layer in self.layers.values()]
         out = ModelOutput(
             logits=None, loss_sum=None, num_tokens=None,
             aux_loss=sum(s["aux_loss"] for s in stats),

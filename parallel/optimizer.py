@@ -7,7 +7,8 @@ dtype (bf16 on GPU). A plain torch AdamW (fused or foreach) updates the master s
 fp32 gradient slice; the updated slice is written back in the compute dtype and the bucket all-gathered. With
 `overlap_param_gather` (default on CUDA) the all-gathers run while the next forward starts: each decoder layer
 (and the embedding) waits, in a forward pre-hook, only for the buckets holding its parameters, and the final
-norm waits for the rest (the LM head reads its weight outside its own forward).
+norm waits for the rest (the LM head reads its weight outside its own forward). A pipeline stage has only
+some of these modules, and all its parameters are in them.
 Bytes per parameter: compute dtype + 4 (main grad) + (4 master + 8 moments) / shard group size.
 
 megatron-core's DistributedOptimizer is not used: it needs its own DDP wrapper and CUDA-resident buffers.
@@ -97,9 +98,11 @@ class DistributedAdamW:
             buckets = sorted({index[id(p)] for p in module.parameters() if id(p) in index})
             return lambda *_: self.wait_params(buckets)
 
-        for module in (model.embed_tokens, *model.layers):
-            module.register_forward_pre_hook(waiter(module))
-        model.norm.register_forward_pre_hook(lambda *_: self.wait_params())
+        for module in (model.embed_tokens, *model.layers.values()):
+            if module is not None:  # a pipeline stage holds only some of them
+                module.register_forward_pre_hook(waiter(module))
+        if model.norm is not None:
+            model.norm.register_forward_pre_hook(lambda *_: self.wait_params())
         self.overlap_param_gather = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:

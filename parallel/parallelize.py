@@ -6,6 +6,7 @@ for its parallel version and every parameter keeps only this rank's block, descr
 checkpoints (`parallel.checkpoint`) map between layouts by name. A whole model on a real device is cut the
 same way (tests compare layouts with it).
 
+Pipeline parallelism comes first: the model keeps only this rank's stages (`parallel.pipeline`).
 One mechanism: every layer that changes is converted in place to its parallel subclass (`Cls.convert`), once,
 with all of its dimensions: attention for TP x CP (`parallel.attention_parallel`), the MoE for EP x ETP
 (`parallel.moe_parallel`) or, with replicated experts, for the TP x CP token group
@@ -35,6 +36,12 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
     topo.seq_len.
     """
     opts = topo.options
+    if topo.pp > 1:  # first: nothing of other stages is converted
+        from .pipeline import keep_local_stages, plan_pipeline
+
+        plan = plan_pipeline(model.cfg, topo.pp, opts.get("pp_schedule") or "1f1b", opts.get("virtual_stages") or 1,
+                             opts.get("pp_layers"), window_len or topo.seq_len or 4096)
+        keep_local_stages(model, plan, topo.pp_rank)
     router_mode = router_mode or opts.get("router_mode") or "global"
     moe_overlap_groups = int(moe_overlap_groups or opts.get("moe_overlap_groups") or 1)
     cp = None
@@ -42,7 +49,7 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
         cp = ContextParallel.for_window(topo.cp_group, window_len or topo.seq_len,
                                         lasp_mode or opts.get("lasp_mode") or "allgather")
     tp, sp = topo.tp_group, topo.sequence_parallel
-    for layer in model.layers:
+    for layer in model.layers.values():
         if topo.tp > 1 or cp is not None:
             parallelize_attention(layer.self_attn, tp, sp, cp)
         if topo.tp > 1 and sp:  # each TP rank normalises different tokens: its norm gradients are partial
@@ -56,7 +63,7 @@ def parallelize(model, topo: Topology, *, router_mode: str | None = None, moe_ov
         elif topo.tp > 1 or cp is not None:  # one micro-batch's tokens are split over TP x CP: exact group routing
             TensorParallelMoE.convert(layer.mlp, tp, sp, token_group=topo.tp_cp_group)
     if topo.tp > 1:
-        if sp:
+        if sp and model.norm is not None:
             mark_partial_over_tp(model.norm.weight)
         TensorParallelCausalLM.convert(model, tp, sp)
     finish_specs(model)

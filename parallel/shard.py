@@ -47,8 +47,9 @@ class ShardSpec:
         return "edp" if self.expert else "dp_cp"
 
     def replicas(self, topo) -> int:
-        """Ranks holding this same block: the world divided by the groups it is split over."""
-        return topo.world_size // math.prod(topo.size(axis) for _, axis in self.splits)
+        """Ranks holding this same block: the world divided by the pipeline stages (a parameter lives on one)
+        and by the groups it is split over."""
+        return topo.world_size // (topo.pp * math.prod(topo.size(axis) for _, axis in self.splits))
 
     @property
     def numel(self) -> int:

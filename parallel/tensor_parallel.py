@@ -201,13 +201,16 @@ class TensorParallelCausalLM(MiniMaxForCausalLM):
     def convert(cls, model: MiniMaxForCausalLM, group, sequence_parallel: bool):
         model.__class__ = cls
         model.tp_group = group
-        VocabParallelEmbedding.convert(model.embed_tokens, group, sequence_parallel)
-        model.vocab_start = model.embed_tokens.vocab_start
+        # vocabulary rows of this rank (a pipeline stage may hold neither the embedding nor the head)
+        model.vocab_start = group_rank(group) * model.cfg.vocab_size // group_size(group)
+        if model.embed_tokens is not None:
+            VocabParallelEmbedding.convert(model.embed_tokens, group, sequence_parallel)
         tied = model.cfg.tie_embeddings
-        ColumnParallelLinear.convert(model.lm_head, group, sequence_parallel, shard=not tied)
-        if tied:
-            model.lm_head.weight = model.embed_tokens.weight
-            model.lm_head.out_features = model.lm_head.weight.shape[0]
+        if model.lm_head is not None:
+            ColumnParallelLinear.convert(model.lm_head, group, sequence_parallel, shard=not tied)
+            if tied:
+                model.lm_head.weight = model.embed_tokens.weight
+                model.lm_head.out_features = model.lm_head.weight.shape[0]
         return model
 
     def forward(self, input_ids, cu_seqlens, labels=None, positions=None) -> ModelOutput:

@@ -77,7 +77,6 @@ def validate_layout(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int 
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              f"parallel.{name}={v!r} must be a positive integer")
     need(isinstance(sequence_parallel, bool), f"parallel.sequence_parallel={sequence_parallel!r} must be true/false")
-    need(pp == 1, f"parallel.pp={pp}: pipeline parallelism is not implemented yet (use pp=1)")
     need(world % (tp * cp * pp) == 0,
          f"parallel: world size {world} is not divisible by tp*cp*pp={tp * cp * pp} (tp={tp}, cp={cp}, pp={pp})")
     need(world % (etp * ep * pp) == 0,
@@ -91,7 +90,8 @@ def validate_layout(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int 
         need(m.num_experts % ep == 0, f"parallel.ep={ep} does not divide model.num_experts={m.num_experts}")
         need(m.ffn_hidden_size % etp == 0,
              f"parallel.etp={etp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-        need(m.num_layers % pp == 0, f"parallel.pp={pp} does not divide model.num_layers={m.num_layers}")
+        need(pp == 1 or not m.tie_embeddings,
+             "model.tie_embeddings=true needs parallel.pp=1 (the embedding and the head live on different stages)")
     if seq_len is not None:
         need(cp == 1 or seq_len % (2 * cp) == 0,
              f"stage.seq_len={seq_len} is not divisible by 2*parallel.cp={2 * cp} (zigzag chunks)")

@@ -59,13 +59,13 @@ class SavedTensorMeter:
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.part, self.saved, self.layer_args = ("embedding",), [], {}
         starts = [(model.embed_tokens, ("embedding",)), (model.norm, ("head",))]
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.layers.values()):
             starts += [(layer.input_layernorm, ("mixer", i)), (layer.post_attention_layernorm, ("moe", i))]
         # layer i's checkpoint saves its inputs right after the embedding or layer i-1 returns
-        ends = [(m, ("input", i)) for i, m in enumerate([model.embed_tokens, *model.layers[:-1]])]
+        ends = [(m, ("input", i)) for i, m in enumerate([model.embed_tokens, *list(model.layers.values())[:-1]])]
         self.handles = [m.register_forward_pre_hook(self._enter(part)) for m, part in starts]
         self.handles += [m.register_forward_hook(self._enter(part)) for m, part in ends]
-        self.handles += [layer.register_forward_pre_hook(self._record_args(i)) for i, layer in enumerate(model.layers)]
+        self.handles += [layer.register_forward_pre_hook(self._record_args(i)) for i, layer in enumerate(model.layers.values())]
 
     def _enter(self, part):
         def hook(*_):

@@ -42,7 +42,7 @@ def _model_vs_full(rank, cp, lasp_mode):
     reference = MiniMaxForCausalLM(_config())
     cp_model = copy.deepcopy(reference)
     layout = ContextParallel.for_window(group, T, lasp_mode)
-    for layer in cp_model.layers:  # as `parallelize` does for cp > 1, tp = 1: whole-window aux loss
+    for layer in cp_model.layers.values():  # as `parallelize` does for cp > 1, tp = 1: whole-window aux loss
         parallelize_attention(layer.self_attn, None, False, layout)
         TensorParallelMoE.convert(layer.mlp, None, False, token_group=group)
     results = {}

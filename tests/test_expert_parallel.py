@@ -106,7 +106,7 @@ def _reference_run(state, ep, etp, mode):
     model.load_state_dict(state)
     R = ep * etp
     router_groups = [RANK_TOKENS[i:i + R] for i in range(0, WORLD, R)]
-    for layer in model.layers:
+    for layer in model.layers.values():
         layer.mlp.forward = types.MethodType(
             lambda self, x: reference_moe_forward(self, x, router_groups, mode), layer.mlp)
     losses, grads, dropped = [], [], []
@@ -140,7 +140,7 @@ def parallel_run(state, groups, mode, overlap_groups):
     rank = dist.get_rank()
     model = MiniMaxForCausalLM(tiny_cfg())
     model.load_state_dict(state)
-    for layer in model.layers:
+    for layer in model.layers.values():
         ExpertParallelMoE.convert(layer.mlp, ep_group, etp_group, router_mode=mode, overlap_groups=overlap_groups)
     losses, grads, stats = [], [], []
     for step in range(2):
@@ -169,7 +169,7 @@ def parallel_run(state, groups, mode, overlap_groups):
         # local drops summed over ranks; group drops summed over ranks count every router group R times
         R = dist.get_world_size(ep_group) * (dist.get_world_size(etp_group) if etp_group is not None else 1) \
             if ep_group is not None else 1
-        dropped = torch.tensor([int(out.moe_dropped), sum(int(l.mlp.last_stats["group_dropped"]) for l in model.layers)])
+        dropped = torch.tensor([int(out.moe_dropped), sum(int(l.mlp.last_stats["group_dropped"]) for l in model.layers.values())])
         dist.all_reduce(dropped)
         aux = [torch.zeros(()) for _ in range(WORLD)]
         dist.all_gather(aux, out.aux_loss.detach())

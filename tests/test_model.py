@@ -108,7 +108,7 @@ def test_aux_loss_reaches_router():
     ids = torch.randint(0, 61, (20,))
     out = model(ids, torch.tensor([0, 20], dtype=torch.int32))
     out.aux_loss.backward()
-    assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    assert model.layers["0"].mlp.gate.weight.grad.abs().sum() > 0
 
 
 def test_full_preset_parameter_counts():

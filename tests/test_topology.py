@@ -62,7 +62,7 @@ def test_from_config_reads_sizes_and_keeps_options():
     ({"world": 4, "cp": 2}, {}, 30, r"^stage.seq_len=30 is not divisible by 2\*parallel.cp=4 \(zigzag chunks\)$"),
     ({"world": 2, "tp": 2}, {}, 33, (r"^stage.seq_len=33 / parallel.cp=1 tokens per rank are not divisible by "
                                   r"parallel.tp=2$")),
-    ({"world": 2, "pp": 2}, {}, None, r"^parallel.pp=2: pipeline parallelism is not implemented yet"),
+    ({"world": 2, "pp": 2}, {"tie_embeddings": True}, None, r"^model.tie_embeddings=true needs parallel.pp=1"),
     ({"world": 2, "tp": 0}, {}, None, r"^parallel.tp=0 must be a positive integer$"),
     ({"world": 2, "sequence_parallel": "yes"}, {}, None, r"^parallel.sequence_parallel='yes' must be true/false$"),
 ])

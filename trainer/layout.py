@@ -6,8 +6,11 @@ The model is built on the meta device, `parallelize` cuts every parameter to thi
 bucketed `GradSync` into the distributed AdamW (`parallel.optimizer`). All TP and CP ranks of a DP replica read
 the same windows; CP ranks then keep their zigzag chunks (`parallel.zigzag.shard_batch`).
 
+Under pipeline parallelism (`parallel.pipeline`) every pipeline rank of a replica reads the same windows and
+`forward_backward` runs them through the schedule instead of one micro-batch after another.
+
 The loop uses `dp` / `dp_rank` / `dp_group` (which windows this rank trains on), `local_inputs` (the rank's
-part of a micro-batch), `accumulate` (gradient accumulation context), `sync_and_clip` (gradient sync +
+part of a micro-batch), `forward_backward` (a step's micro-batches), `sync_and_clip` (gradient sync +
 global-norm clipping), `reduce_step_stats` (metric sums over the right groups) and the checkpoint IO.
 `check_layout` validates the parallel config before any work is done.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from kernels.cu_seqlens import remember_cu_seqlens
 
 from . import checkpoint as ckpt
 from .config import ConfigError
@@ -35,6 +40,7 @@ class LayoutSpec:
     name: str
     dp: int  # data-parallel replicas (windows of a global batch are split over them)
     description: str
+    pipeline: object = None  # parallel.pipeline.PipelinePlan when pp > 1
 
 
 def _check_options(parallel_cfg) -> None:
@@ -71,6 +77,15 @@ def check_layout(parallel_cfg, world_size: int, model_cfg, seq_len: int) -> Layo
         raise ConfigError(f"{exc} (parallel={name}, world size {world_size})") from None
     _check_options(parallel_cfg)
     tp, cp, pp = (int(sizes.get(k, 1)) for k in ("tp", "cp", "pp"))
+    pipeline = None
+    if pp > 1:
+        from parallel.pipeline import plan_pipeline
+
+        try:
+            pipeline = plan_pipeline(model_cfg, pp, parallel_cfg.get("pp_schedule", "1f1b"),
+                                     parallel_cfg.get("virtual_stages", 1), parallel_cfg.get("pp_layers"), seq_len)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (parallel={name})") from None
     ep, etp = int(sizes.get("ep", 1)), int(sizes.get("etp", 1))
     dp = world_size // (tp * cp * pp)
     sp = bool(sizes.get("sequence_parallel", False)) and tp > 1
@@ -80,7 +95,10 @@ def check_layout(parallel_cfg, world_size: int, model_cfg, seq_len: int) -> Layo
         description += f" router={parallel_cfg.get('router_mode', 'global')}"
     if cp > 1:
         description += f" lasp={parallel_cfg.get('lasp_mode', 'allgather')}"
-    return LayoutSpec(name, dp, description + ")")
+    if pipeline is not None:
+        description += (f" pp={pp} {pipeline.schedule} layers/stage="
+                        f"{'-'.join(str(len(s)) for s in pipeline.stage_layers)}")
+    return LayoutSpec(name, dp, description + ")", pipeline)
 
 
 def build_model_on_meta(model_cfg, topo, recompute: bool):
@@ -114,6 +132,11 @@ class Layout:
             self.model, self.topo, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps),
             weight_decay=float(o.weight_decay), impl=o.impl)
         self.optimizer_impl = f"distributed-{self.optimizer.impl}"
+        self.pipeline = None
+        if self.topo.pp > 1:
+            from parallel.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self.model, self.topo, device, param_dtype)
         self.dp, self.dp_rank, self.dp_group = self.topo.dp, self.topo.dp_rank, self.topo.dp_group
         self._pending, self._async_group = None, None  # a background checkpoint save in flight
 
@@ -124,9 +147,32 @@ class Layout:
 
         return shard_batch(micro_batch, self.seq_len, self.topo.cp_rank, self.topo.cp)
 
-    def accumulate(self, last: bool):
-        """Only the last micro-batch's backward starts the gradient all-reduces."""
-        return contextlib.nullcontext() if last else self.grad_sync.no_sync()
+    def forward_backward(self, micro_batches: list[dict], denom: int, aux_weight: float, autocast):
+        """Forward and backward of a step's micro-batches (on the device). Returns this rank's loss sum and its
+        MoE sums [routed, aux, dropped, tokens per layer and expert...] (zeros for other stages' layers)."""
+        if self.pipeline is not None:
+            with self.grad_sync.no_sync():  # the schedule interleaves micro-batches: sync after all of them
+                loss_sum, moe, tokens_per_expert, routed = self.pipeline.forward_backward(
+                    micro_batches, denom, aux_weight, autocast)
+        else:
+            cfg, device = self.model.cfg, micro_batches[0]["input_ids"].device
+            loss_sum, moe = (torch.zeros(n, dtype=torch.float64, device=device) for n in (1, 2))
+            tokens_per_expert = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.float64, device=device)
+            routed = 0
+            for i, mb in enumerate(micro_batches):
+                remember_cu_seqlens(mb["cu_seqlens"], mb["cu_seqlens_host"])
+                # only the last micro-batch's backward starts the gradient reduce-scatters
+                with contextlib.nullcontext() if i == len(micro_batches) - 1 else self.grad_sync.no_sync():
+                    with autocast:
+                        out = self.model(mb["input_ids"], mb["cu_seqlens"], mb["labels"], positions=mb["positions"])
+                    (out.loss_sum / denom + out.aux_loss * aux_weight).backward()
+                loss_sum += out.loss_sum.detach().double()
+                moe += torch.stack([torch.as_tensor(out.aux_loss).detach().double(),
+                                    torch.as_tensor(out.moe_dropped, device=device).double()])
+                tokens_per_expert += out.tokens_per_expert.detach().double()
+                routed += out.moe_routed
+        routed = torch.tensor([routed], dtype=torch.float64).to(loss_sum.device, non_blocking=True)
+        return loss_sum, torch.cat([routed, moe, tokens_per_expert.reshape(-1)])
 
     def sync_and_clip(self, max_norm: float) -> float:
         self.grad_sync.finish()
@@ -139,8 +185,12 @@ class Layout:
 
     def reduce_step_stats(self, dp_cp_stats: torch.Tensor, world_stats: torch.Tensor):
         """Loss sums over DP x CP (every TP rank holds its micro-batch's whole loss; CP ranks hold disjoint
-        tokens); MoE sums over all ranks (each rank reports its router group's or its own counts)."""
-        return self._sum(dp_cp_stats, self.topo.dp_cp_group), self._sum(world_stats, None)
+        tokens) and over PP (only the last stage has it); MoE sums over all ranks (each rank reports its router
+        group's or its own counts, for its stage's layers)."""
+        loss = self._sum(dp_cp_stats, self.topo.dp_cp_group)
+        if self.topo.pp > 1:
+            loss = self._sum(loss, self.topo.pp_group)
+        return loss, self._sum(world_stats, None)
 
     def save_checkpoint(self, root, step, extra, config_yaml, meta, keep_last, background: bool = False):
         """All ranks write their shards into rank 0's temp folder; rank 0 then completes it atomically. With

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from data import ConfigError as DataConfigError
 from data import RankStreams, StepPrefetcher
 from kernels.cu_seqlens import remember_cu_seqlens
+from model.rope import positions_from_cu_seqlens
 
 from .config import ConfigError
 from .distributed import DistEnv
@@ -164,6 +165,17 @@ class Trainer:
             self._raise_data_failure(error)
         return micro_batches, label_tokens
 
+    def _device_inputs(self, mb: dict) -> dict:
+        """A micro-batch on the device, with the documents' positions (a pipeline stage needs them)."""
+        cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
+        remember_cu_seqlens(cu_seqlens, mb["cu_seqlens"])  # the layers read it without a device sync
+        input_ids = mb["input_ids"].to(self.device, non_blocking=True)
+        positions = mb.get("positions")
+        positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0]) if positions is None \
+            else positions.to(self.device, non_blocking=True)
+        return {"input_ids": input_ids, "labels": mb["labels"].to(self.device, non_blocking=True),
+                "cu_seqlens": cu_seqlens, "cu_seqlens_host": mb["cu_seqlens"], "positions": positions}
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         step = self.state.step + 1
@@ -182,38 +194,21 @@ class Trainer:
         # the layers scale their gradients so that this weight is right for every layout.
         aux_weight = 1.0 / (micro_per_rank * dp)
 
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        moe, routed = None, 0  # aux, dropped, tokens per layer and expert (flattened); routed is a host count
         self.model.train()
-        for i, mb in enumerate(micro_batches):
-            mb = self.layout.local_inputs(mb)
-            input_ids = mb["input_ids"].to(self.device, non_blocking=True)
-            labels = mb["labels"].to(self.device, non_blocking=True)
-            cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
-            remember_cu_seqlens(cu_seqlens, mb["cu_seqlens"])  # the layers read it without a device sync
-            positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
-            with self.layout.accumulate(last=i == len(micro_batches) - 1):
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
-                    out = self.model(input_ids, cu_seqlens, labels, positions=positions)
-                loss = out.loss_sum / denom + out.aux_loss * aux_weight
-                loss.backward()
-            loss_sum += out.loss_sum.detach().double()
-            stats = torch.cat([torch.stack([torch.as_tensor(out.aux_loss).detach().double(),
-                                            torch.as_tensor(out.moe_dropped, device=self.device).double()]),
-                               out.tokens_per_expert.detach().double().flatten()])
-            moe = stats if moe is None else moe + stats
-            routed += out.moe_routed
-        moe = torch.cat([torch.tensor([routed], dtype=torch.float64).to(self.device, non_blocking=True), moe])
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                  enabled=self.autocast_dtype is not None)
+        inputs = [self._device_inputs(self.layout.local_inputs(mb)) for mb in micro_batches]
+        loss_sum, moe = self.layout.forward_backward(inputs, denom, aux_weight, autocast)
         # Finish the gradient sync first (overlapped all-reduces may be in flight on the same communicators),
         # then reduce the step's statistics and judge them; no rank steps on a non-finite value.
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = self.layout.sync_and_clip(max_norm)
         loss_sum, moe = self.layout.reduce_step_stats(loss_sum, moe)
         loss_value = loss_sum.item() / denom
-        (routed, aux_sum, dropped), tokens_per_expert = moe[:3].tolist(), moe[3:].view(out.tokens_per_expert.shape)
-        # every rank holds its router group's aux value: the mean over all ranks is the step's aux loss
-        aux_value = aux_sum / (micro_per_rank * world)
+        (routed, aux_sum, dropped), tokens_per_expert = moe[:3].tolist(), moe[3:].view(self.model.cfg.num_layers, -1)
+        # every rank holds its router group's aux value of its stage's layers: the mean over the ranks of one
+        # pipeline stage, summed over the stages, is the step's aux loss
+        aux_value = aux_sum / (micro_per_rank * world / self.layout.topo.pp)
         if not math.isfinite(loss_value) or not math.isfinite(aux_value):
             raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
                                 f"stopped before the optimizer step, no checkpoint written")

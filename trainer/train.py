@@ -69,6 +69,12 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
     batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
     batch_schedule.check_divisible(mbs, seq_len, layout.dp)
+    if layout.pipeline is not None:
+        for i, (_, batch) in enumerate(batch_schedule.entries):
+            try:
+                layout.pipeline.check_micro_batches(batch // (mbs * seq_len * layout.dp))
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (schedule.batch[{i}].global_batch_tokens={batch})") from None
 
     device = pick_device(cfg.trainer.device, env)
     dtype = cfg.trainer.dtype
