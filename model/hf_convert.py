@@ -19,6 +19,8 @@ at a time (`hf_file_tensors`) and read one block at a time (`from_hf_files_block
 load never holds more than one tensor (`trainer.export`, `parallel.hf_load`).
 """
 
+from dataclasses import replace
+
 import torch
 
 from .config import ModelConfig
@@ -181,6 +183,27 @@ def hf_file_tensors(name: str, t: torch.Tensor, cfg: ModelConfig):
         yield _file_name(name), _rope_rows_to_hf(t, cfg)
     else:
         yield _file_name(name), t
+
+
+def hf_lightning_buffers(cfg: ModelConfig, layer: int) -> dict:
+    """The buffers transformers' lightning layer `layer` saves in its folders (functions of the config alone),
+    made by its own module at width 2, which they do not depend on."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    narrow = to_hf_config(replace(cfg, hidden_size=2, head_dim=2, rotary_dim=2))
+    module = MiniMaxLightningAttention(narrow, layer)
+    buffers = dict(module.named_buffers())
+    return {f"model.layers.{layer}.self_attn.{k}": t for k, t in module.state_dict().items() if k in buffers}
+
+
+def hf_folder_tensors(cfg: ModelConfig, parameter):
+    """(name, tensor) of every tensor of the HF folder of a model, one at a time, in a fixed order;
+    parameter(name, shape) gives our parameter's tensor (meta tensors give the names and shapes)."""
+    for name, shape in parameter_shapes(cfg).items():
+        yield from hf_file_tensors(name, parameter(name, shape), cfg)
+    for layer, kind in enumerate(cfg.layer_types):
+        if kind == "lightning":
+            yield from hf_lightning_buffers(cfg, layer).items()
 
 
 def from_hf_files_block(name: str, cfg: ModelConfig, offsets, sizes, tensor) -> torch.Tensor:

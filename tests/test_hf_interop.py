@@ -12,7 +12,7 @@ from model.hf_convert import (
     from_hf_files_block,
     from_hf_model,
     from_hf_state_dict,
-    hf_file_tensors,
+    hf_folder_tensors,
     parameter_shapes,
     to_hf_config,
     to_hf_model,
@@ -22,7 +22,6 @@ from model.hf_convert import (
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
-DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")  # HF's, from the config
 CONFIGS = {  # GQA and MHA, 2-4 layers with softmax layers, half (every preset), quarter and full rotary
     "gqa_half_rotary": {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
                         "layer_types": ["lightning", "softmax"]},
@@ -108,8 +107,9 @@ def test_folder_tensors_are_what_transformers_writes(name, tmp_path, gen):
     hf = to_hf_model(ours)
     hf.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-        written = {k: f.get_tensor(k) for k in list(f.keys()) if not k.endswith(DERIVED_BUFFERS)}
-        converted = dict(kv for n, p in ours.named_parameters() for kv in hf_file_tensors(n, p.detach(), cfg))
+        written = {k: f.get_tensor(k) for k in list(f.keys())}
+        params = dict(ours.named_parameters())
+        converted = dict(hf_folder_tensors(cfg, lambda n, _: params[n].detach()))
         assert converted.keys() == written.keys()
         for key, t in written.items():
             assert torch.equal(converted[key], t), key
