@@ -115,15 +115,17 @@ def _module_name(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
+def _reorder_channels(t: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows [heads * head_dim, in] of a q/k projection with each head's rows in `order` (also on meta)."""
+    return t.reshape(-1, head_dim, t.shape[-1])[:, order.to(t.device)].reshape(t.shape)
+
+
 def _rope_rows_to_hf(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """q/k projection rows [heads * head_dim, in] in HF's channel order (also on meta)."""
-    heads = t.reshape(-1, cfg.head_dim, t.shape[-1])
-    return heads[:, rope_channel_order(cfg.head_dim, cfg.rotary_dim).to(t.device)].reshape(t.shape)
+    return _reorder_channels(t, rope_channel_order(cfg.head_dim, cfg.rotary_dim), cfg.head_dim)
 
 
 def _rope_rows_from_hf(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    heads = t.reshape(-1, cfg.head_dim, t.shape[-1])
-    return heads[:, torch.argsort(rope_channel_order(cfg.head_dim, cfg.rotary_dim))].reshape(t.shape)
+    return _reorder_channels(t, torch.argsort(rope_channel_order(cfg.head_dim, cfg.rotary_dim)), cfg.head_dim)
 
 
 def to_hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
@@ -229,10 +231,10 @@ def to_hf_model(model):
 
     hf = HFModel(to_hf_config(model.cfg)).to(next(model.parameters()).dtype)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
-    derived = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")  # HF's buffers, from the config
+    derived = {n for n, _ in hf.named_buffers()}  # functions of the config, made by HF's constructor
     if model.cfg.tie_embeddings:
-        derived += ("lm_head.weight",)
-    missing = [k for k in missing if not k.endswith(derived)]
+        derived.add("lm_head.weight")
+    missing = [k for k in missing if k not in derived]
     if missing or unexpected:
         raise RuntimeError(f"HF conversion mismatch: missing {missing}, unexpected {unexpected}")
     return hf

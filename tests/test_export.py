@@ -1,6 +1,7 @@
-"""`python -m trainer.export`: a checkpoint written under TP=2 x EP=2 (2 gloo ranks; half rotary, a softmax layer)
-becomes an HF folder that transformers loads with our model's logits (from the same checkpoint, one process),
-in several shards with an index, with the run's tokenizer; bad input is one line, exit code 2, nothing written."""
+"""`python -m trainer.export`: a checkpoint written under TP=2 x EP=2 (2 gloo ranks; half rotary, a softmax
+layer) becomes an HF folder that transformers loads with our model's logits (from the same checkpoint, one
+process), in several shards with an index, with the run's tokenizer; bad input is one line, exit code 2,
+nothing written."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from dist_harness import run_distributed
 
+from data import build_tokenizer
 from trainer.export import EXIT_BAD_INPUT, main
 
 transformers = pytest.importorskip("transformers")
@@ -17,8 +19,8 @@ MICRO = [
     "model.head_dim=16", "model.num_kv_heads=2", "model.num_experts=4", "model.ffn_hidden_size=64",
     "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.steps=1", "trainer.log_every=1000",
     "logging.wandb.mode=disabled", "logging.progress_bar=false", "schedule.lr.warmup_steps=0",
-    "schedule.lr.decay_steps=0", "schedule.lr.drop_at_step=null", "schedule.batch=[{tokens:0,global_batch_tokens:128}]",
-    "optim.lr=0.01", "parallel=tp2", "parallel.ep=2",
+    "schedule.lr.decay_steps=0", "schedule.lr.drop_at_step=null", "optim.lr=0.01",
+    "schedule.batch=[{tokens:0,global_batch_tokens:128}]", "parallel=tp2", "parallel.ep=2",
 ]
 
 
@@ -59,26 +61,26 @@ def logits_both(step_dir, out, dtype=torch.float32):
     ours = our_model(step_dir)
     hf = transformers.MiniMaxForCausalLM.from_pretrained(out, dtype=dtype).eval()
     hf.config._attn_implementation = "eager"
-    ids = torch.randint(0, ours.cfg.vocab_size, (1, 50), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ours.cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return ours(ids[0], torch.tensor([0, 50], dtype=torch.int32)).logits, hf(input_ids=ids).logits[0].float()
+        ours_logits = ours(ids, torch.tensor([0, 50], dtype=torch.int32)).logits
+        return ours_logits, hf(input_ids=ids[None]).logits[0].float()
 
 
-def test_export_loads_in_transformers_with_our_logits(run_dir, tmp_path, capsys):
+def test_export_loads_in_transformers_with_our_logits(run_dir, tmp_path):
     step_dir = run_dir / "checkpoints" / "step_000001"
     out = tmp_path / "hf"
     assert main([str(step_dir), f"out={out}", "max_shard_size=100KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    files = sorted({f for f in index["weight_map"].values()})
+    files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files == sorted(p.name for p in out.glob("*.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp folder left
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"] == {"rope_type": "proportional", "rope_theta": 1e8, "partial_rotary_factor": 0.5}
+    half_rotary = {"rope_type": "proportional", "rope_theta": 1e4 ** 2, "partial_rotary_factor": 0.5}
+    assert config["rope_parameters"] == half_rotary
     ours, hf = logits_both(step_dir, out)
     assert ours.std() > 0.1
     assert (ours - hf).abs().max().item() <= 1e-4
-    from data import build_tokenizer
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     default = build_tokenizer("default")
     assert tokenizer.eos_token_id == default.eos_id == config["eos_token_id"]
@@ -88,8 +90,8 @@ def test_export_loads_in_transformers_with_our_logits(run_dir, tmp_path, capsys)
 def test_bf16_export_of_a_run_dirs_newest_checkpoint(run_dir, tmp_path):
     out = tmp_path / "hf16"
     assert main([str(run_dir), f"out={out}", "dtype=bf16"]) == 0
-    assert list(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())[0] == \
-        "model-00001-of-00001.safetensors"
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map.values()) == {"model-00001-of-00001.safetensors"}  # 5GB: one shard
     ours, hf = logits_both(run_dir / "checkpoints" / "step_000001", out, torch.bfloat16)
     assert (ours - hf).abs().max().item() <= 0.1 * ours.abs().max().item()
 

@@ -9,7 +9,7 @@ tokenizer (`tokenizer.json`, `tokenizer_config.json`). dtype: fp32 (default, the
 or bf16.
 
 One tensor at a time: every parameter is read whole from the DCP checkpoint (its fp32 master weights, whatever
-layout wrote them), converted (`model.hf_convert.hf_file_tensors`) and streamed into its shard, whose header
+layout wrote them), converted (`model.hf_convert.hf_folder_tensors`) and streamed into its shard, whose header
 is known in advance from the checkpoint's metadata, so memory is bounded by the largest parameter. Bad input
 is one line on stderr with exit code 2 and nothing written; the folder appears only when complete (written as
 `.tmp-<name>` next to it, then renamed).
