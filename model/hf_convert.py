@@ -74,6 +74,10 @@ def _rotary_dim_and_base(hf, head_dim: int) -> tuple[int, float]:
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 1e6)}
     kind = rope.get("rope_type", "default")
     if kind == "default":
+        legacy = getattr(hf, "rotary_dim", head_dim)
+        if legacy != head_dim:  # the original remote code's field: transformers ignores it and rotates it all
+            raise ValueError(f"HF config: rotary_dim={legacy} with default RoPE is ambiguous (transformers "
+                             f"rotates all {head_dim} channels; MiniMax's original code only {legacy})")
         return head_dim, rope["rope_theta"]
     if kind != "proportional" or rope.get("factor", 1.0) != 1.0:
         raise ValueError(f"HF config: rope_parameters {rope} has no equivalent here (default or proportional "

@@ -9,6 +9,7 @@ from dist_harness import run_distributed
 
 from model import MiniMaxForCausalLM, ModelConfig
 from model.hf_convert import (
+    from_hf_config,
     from_hf_files_block,
     from_hf_model,
     from_hf_state_dict,
@@ -127,6 +128,8 @@ def test_unexpressible_configs_are_refused():
         to_hf_config(ModelConfig(num_heads=2, head_dim=44, num_kv_heads=1, rotary_dim=30))
     with pytest.raises(ValueError, match="lightning_norm_eps"):
         to_hf_config(ModelConfig(lightning_norm_eps=1e-5))
+    with pytest.raises(ValueError, match="rotary_dim=64 with default RoPE"):  # not imported as full rotation
+        from_hf_config(transformers.MiniMaxConfig(head_dim=128, rotary_dim=64))
 
 
 def _sharded_logits(rank, world, hf_dir, cfg, ids):
