@@ -2,8 +2,7 @@
 
 The model's layers are cut into pp x virtual_stages contiguous stages (`parallel.pp_layers`, or the split that
 balances a FLOP cost model: lightning and softmax layers at the window length, the LM head on the last stage).
-Stage s lives on pipeline rank s % pp (`1f1b`, `interleaved_1f1b`) or, for the V schedule `zbv`, on rank s for
-the first pp stages and 2pp-1-s for the rest. `parallelize` keeps only this rank's layers (and the embedding on
+Stage s lives on pipeline rank s % pp (`1f1b`, and `interleaved_1f1b` with virtual stages). `parallelize` keeps only this rank's layers (and the embedding on
 the first stage, norm + head on the last) before anything is allocated, under their global names.
 
 Per micro-batch, every stage needs the documents' boundaries and positions, and the last the labels: every
@@ -22,7 +21,10 @@ from torch import nn
 
 from kernels.cu_seqlens import remember_cu_seqlens
 
-SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv")
+# torch's zero-bubble schedules (ScheduleInterleavedZeroBubble, ZBV, DualPipeV) compute weight gradients with
+# torch.autograd.grad and assign them outside backward: they bypass the post-accumulate hooks through which
+# GradSync collects every gradient into its fp32 buckets (and fail on parameters that are bucket views).
+SCHEDULES = ("1f1b", "interleaved_1f1b")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,8 @@ class PipelinePlan:
     def num_stages(self) -> int:
         return len(self.stage_layers)
 
-    def rank_of(self, stage: int) -> int:
-        if self.schedule == "zbv" and stage >= self.pp:
-            return 2 * self.pp - 1 - stage
-        return stage % self.pp
-
     def local_stages(self, pp_rank: int) -> list[int]:
-        return [s for s in range(self.num_stages) if self.rank_of(s) == pp_rank]
+        return list(range(pp_rank, self.num_stages, self.pp))
 
     def check_micro_batches(self, n: int) -> None:
         """One line when a step's micro-batches per rank cannot run this schedule."""
@@ -98,8 +95,6 @@ def plan_pipeline(model_cfg, pp: int, schedule: str = "1f1b", virtual_stages: in
     if schedule == "1f1b" and virtual_stages != 1:
         raise ValueError(f"parallel.pp_schedule=1f1b runs one stage per rank: parallel.virtual_stages="
                          f"{virtual_stages} needs pp_schedule=interleaved_1f1b")
-    if schedule == "zbv" and virtual_stages != 2:
-        raise ValueError("parallel.pp_schedule=zbv runs two stages per rank (a V): set parallel.virtual_stages=2")
     stages, L = pp * virtual_stages, model_cfg.num_layers
     if pp_layers is not None:
         sizes = list(pp_layers)
@@ -143,8 +138,8 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class PipelineChunk(nn.Module):
-    """One stage: (embedding) -> its layers -> (norm, head, loss). Registers only its own modules, which the
-    model also holds, so zero-bubble's weight gradients see exactly this stage's parameters."""
+    """One stage: (embedding) -> its layers -> (norm, head, loss). Registers only its own modules (the model
+    also holds them), so the stage's parameters are exactly this stage's."""
 
     def __init__(self, model, stage: int, runner: PipelineRunner):
         super().__init__()
@@ -202,8 +197,7 @@ class PipelineRunner:
             from torch.distributed import pipelining
 
             self.plan.check_micro_batches(n)
-            kind = {"1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
-                    "zbv": "ScheduleZBVZeroBubble"}[self.plan.schedule]
+            kind = {"1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}[self.plan.schedule]
             stages = self._stages[0] if self.plan.schedule == "1f1b" else self._stages
             self._schedules[n] = getattr(pipelining, kind)(stages, n, loss_fn=lambda out, target: out.sum(),
                                                           scale_grads=False)
