@@ -213,7 +213,7 @@ def export(checkpoint: Path, out: Path, dtype: str, max_bytes: int) -> str:
         save_tokenizer(tokenizer, tmp)
         os.replace(tmp, out)
     except (CheckpointException, OSError) as exc:
-        raise ExportError(f"reading {checkpoint}: {str(exc).strip().splitlines()[0]}") from None
+        raise ExportError(f"{checkpoint} -> {out}: {str(exc).strip().splitlines()[0]}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return f"exported {checkpoint} to {out}: {shards} shard(s), {nbytes / 1e9:.3f} GB {dtype}"
