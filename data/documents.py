@@ -33,6 +33,20 @@ def _as_text(value, text_field: str) -> str:
     return value
 
 
+def epoch_order(seed: int, epoch: int, part: int, parts: int, num_documents: int, shuffle: bool = True):
+    """The rows of part `part` (those i with i % parts == part) of a corpus of `num_documents` in the order of
+    `epoch`: the order of map-style text corpora and of indexed ones (data.indexed) alike."""
+    part_documents = len(range(part, num_documents, parts))
+    order = np.arange(part_documents)
+    if shuffle:
+        # Sorting raw PCG64 output (a stream numpy keeps stable across versions) rather than
+        # Generator.permutation, whose algorithm numpy does not promise to keep. Each part has its
+        # own order, so that parts do not read neighbouring documents at the same time.
+        raw = np.random.PCG64(np.random.SeedSequence([seed, epoch, part])).random_raw(part_documents)
+        order = np.argsort(raw, kind="stable")
+    return part + parts * order
+
+
 def _check_part(part: int, parts: int) -> None:
     if not 0 <= part < parts:
         raise ValueError(f"data: part {part} does not exist in a corpus split into {parts}")
@@ -55,16 +69,8 @@ class ShuffledDocuments:
         self._order_epoch, self._order = None, None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The dataset rows of the part in the order of `epoch`."""
         if self._order_epoch != epoch:
-            order = np.arange(self.part_documents)
-            if self.shuffle:
-                # Sorting raw PCG64 output (a stream numpy keeps stable across versions) rather than
-                # Generator.permutation, whose algorithm numpy does not promise to keep. Each part has its
-                # own order, so that parts do not read neighbouring documents at the same time.
-                seed = np.random.SeedSequence([self.seed, epoch, self.part])
-                order = np.argsort(np.random.PCG64(seed).random_raw(self.part_documents), kind="stable")
-            self._order = self.part + self.parts * order
+            self._order = epoch_order(self.seed, epoch, self.part, self.parts, self.num_documents, self.shuffle)
             self._order_epoch = epoch
         return self._order
 

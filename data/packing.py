@@ -29,6 +29,24 @@ from data.errors import ConfigError, positive_int
 IGNORE_INDEX = -100
 
 
+def doc_token_range(cfg: Mapping) -> tuple[int, int | None]:
+    """(data.min_doc_tokens, data.max_doc_tokens): documents with a token count (EOS excluded) outside
+    [min, max) are skipped."""
+    min_doc_tokens = positive_int(cfg.get("min_doc_tokens") or 0, "data.min_doc_tokens", True)
+    max_doc_tokens = cfg.get("max_doc_tokens")
+    if max_doc_tokens is not None:
+        max_doc_tokens = positive_int(max_doc_tokens, "data.max_doc_tokens")
+    return min_doc_tokens, max_doc_tokens
+
+
+def nothing_accepted_message(min_doc_tokens: int, max_doc_tokens: int | None, part: int, parts: int) -> str:
+    where = f" in sub-stream {part} of data.streams={parts}" if parts > 1 else ""
+    if min_doc_tokens or max_doc_tokens is not None:
+        return (f"data.min_doc_tokens/max_doc_tokens: no document{where} has a token count in "
+                f"[{min_doc_tokens}, {max_doc_tokens})")
+    return f"data.path: every document{where} is empty after tokenization"
+
+
 @dataclass
 class _TokenizedDocument:
     epoch: int
@@ -58,11 +76,7 @@ class WindowStream:
         opened = isinstance(source, (Dataset, IterableDataset))
         cfg = {} if opened else source
         text_field = cfg.get("text_field", "text") or "text"
-        self.min_doc_tokens = positive_int(cfg.get("min_doc_tokens") or 0, "data.min_doc_tokens", True)
-        max_doc_tokens = cfg.get("max_doc_tokens")
-        if max_doc_tokens is not None:
-            max_doc_tokens = positive_int(max_doc_tokens, "data.max_doc_tokens")
-        self.max_doc_tokens = max_doc_tokens
+        self.min_doc_tokens, self.max_doc_tokens = doc_token_range(cfg)
         if opened:
             dataset = source
         else:
@@ -119,12 +133,8 @@ class WindowStream:
                 self._last_accepted_epoch = epoch
 
     def _nothing_accepted_message(self) -> str:
-        parts = self._documents.parts
-        where = f" in sub-stream {self._documents.part} of data.streams={parts}" if parts > 1 else ""
-        if self.min_doc_tokens or self.max_doc_tokens is not None:
-            return (f"data.min_doc_tokens/max_doc_tokens: no document{where} has a token count in "
-                    f"[{self.min_doc_tokens}, {self.max_doc_tokens})")
-        return f"data.path: every document{where} is empty after tokenization"
+        return nothing_accepted_message(self.min_doc_tokens, self.max_doc_tokens, self._documents.part,
+                                        self._documents.parts)
 
     # -- windows -----------------------------------------------------------------------------
 

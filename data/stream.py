@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from data.corpus import load_corpus
+from data.corpus import SOURCES, load_corpus
 from data.errors import ConfigError, positive_int
+from data.indexed import IndexedSource
 from data.mixture import MixtureStream, normalized_weights
 from data.packing import WindowStream
 
 
 class DataSource:
-    """Sub-stream `part` of `num_streams` (a `WindowStream`, or a `MixtureStream` when `data.mixture` names
-    sources) from `stream(part)`.
+    """Sub-stream `part` of `num_streams` (a `WindowStream`, an `IndexedWindowStream` for `data.source: indexed`,
+    or a `MixtureStream` when `data.mixture` names sources or data.path weighs indexed corpora) from `stream(part)`.
 
     `data.mixture` maps a source name to the settings it overrides on top of `data` plus its `weight`, e.g.
     `short: {max_doc_tokens: 32768, weight: 0.3}`. Every setting is checked here, so that a bad one fails
@@ -39,12 +40,27 @@ class DataSource:
                 self.configs[name] = {**base, **{k: v for k, v in overrides.items() if k != "weight"}}
                 self.weights[name] = overrides["weight"]
             normalized_weights(self.weights, list(self.configs))
-        self.corpora = {name: load_corpus(cfg) for name, cfg in self.configs.items()}
+        indexed: dict[str, IndexedSource] = {}  # opened once per data.path, whatever the mixture sources
+        self.corpora = {name: self._open(cfg, indexed) for name, cfg in self.configs.items()}
         self.stream(self.num_streams - 1)  # the smallest part: checks the remaining settings (nothing is read)
 
-    def _window_stream(self, name: str, part: int) -> WindowStream:
+    def _open(self, cfg: Mapping, indexed: dict):
+        source = cfg.get("source", "default") or "default"
+        if source != "indexed":
+            if source not in SOURCES:
+                raise ConfigError(f"data.source: must be one of {', '.join(SOURCES)}, indexed, got {source!r}")
+            return load_corpus(cfg)
+        key = repr(cfg.get("path"))
+        if key not in indexed:
+            indexed[key] = IndexedSource(cfg.get("path"), self.tokenizer)
+        return indexed[key]
+
+    def _window_stream(self, name: str, part: int):
+        corpus = self.corpora[name]
+        if isinstance(corpus, IndexedSource):
+            return corpus.stream(self.configs[name], self.seq_len, self.seed, part, self.num_streams)
         return WindowStream(self.configs[name], self.tokenizer, self.seq_len, seed=self.seed,
-                            corpus=self.corpora[name], part=part, parts=self.num_streams)
+                            corpus=corpus, part=part, parts=self.num_streams)
 
     def stream(self, part: int):
         if self.weights is None:
