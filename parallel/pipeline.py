@@ -40,6 +40,22 @@ class PipelinePlan:
     def local_stages(self, pp_rank: int) -> list[int]:
         return list(range(pp_rank, self.num_stages, self.pp))
 
+    @property
+    def virtual_stages(self) -> int:
+        return self.num_stages // self.pp
+
+    def in_flight(self, pp_rank: int, n: int) -> int:
+        """Stage micro-batches whose activations rank `pp_rank` holds at once at the peak of a step of n
+        micro-batches: 1F1B warms up with pp - 1 - rank forwards (Megatron's count, also for interleaving)."""
+        v = self.virtual_stages
+        if v == 1:
+            return min(n, self.pp - pp_rank)
+        return min(n * v, (self.pp - pp_rank - 1) * 2 + (v - 1) * self.pp + 1)
+
+    def bubble_fraction(self, n: int) -> float:
+        """Idle share of a step of n micro-batches per rank: (pp - 1) / (v * n + pp - 1)."""
+        return (self.pp - 1) / (self.virtual_stages * n + self.pp - 1)
+
     def check_micro_batches(self, n: int) -> None:
         """One line when a step's micro-batches per rank cannot run this schedule."""
         if n < self.pp:

@@ -9,8 +9,9 @@ import torch
 from dist_harness import run_distributed
 
 LAYOUTS = {"single": [], "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-           "ep2_etp2": ["parallel.ep=2", "parallel.etp=2"], "tp2_cp2": ["parallel.tp=2", "parallel.cp=2"]}
-WORLD = {"single": 1, "tp2": 2, "ep2_etp2": 4, "tp2_cp2": 4}
+           "ep2_etp2": ["parallel.ep=2", "parallel.etp=2"], "tp2_cp2": ["parallel.tp=2", "parallel.cp=2"],
+           "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]}
+WORLD = {"single": 1, "tp2": 2, "ep2_etp2": 4, "tp2_cp2": 4, "pp2_tp2": 4}
 BASE = ["model=tiny", "model.num_layers=2", "model.num_experts=4", "model.ffn_hidden_size=64", "stage.seq_len=64",
         "trainer.dtype=fp32"]
 
@@ -67,10 +68,15 @@ def _plan_cli(*args):
 
 def test_full_model_at_1024_ranks_fits_80gb_in_under_a_minute():
     start = time.perf_counter()
-    result = _plan_cli("model=minimax_text_01", "parallel=minimax_text_01", "plan.world_size=1024")
+    result = _plan_cli("model=minimax_text_01", "parallel=minimax_text_01", "schedule=minimax_text_01",
+                       "stage=main_8k", "trainer.micro_batch_size=1", "trainer.recompute=true", "plan.world_size=1024")
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-1]
+    lines = result.stdout.strip().splitlines()
+    # one row per pipeline rank, and the bubble of 1F1B interleaved over 2 stages per rank: 7 / (2 n + 7)
+    assert sum(line.split(":")[0].strip().isdigit() for line in lines) == 8, lines
+    assert "pipeline bubble: 2.7% at 128 micro-batches per rank" in result.stdout
+    last = lines[-1]
     assert last.startswith("max per-rank memory: ")
     assert float(last.split()[3]) < 80, last
     assert seconds < 60, seconds

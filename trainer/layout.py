@@ -101,6 +101,21 @@ def check_layout(parallel_cfg, world_size: int, model_cfg, seq_len: int) -> Layo
     return LayoutSpec(name, dp, description + ")", pipeline)
 
 
+def check_batches(batch_schedule, spec: LayoutSpec, micro_batch_size: int, seq_len: int) -> list[int]:
+    """Every global batch splits into micro-batches over the DP ranks, enough for the pipeline schedule;
+    returns the micro-batches per rank of each schedule entry."""
+    batch_schedule.check_divisible(micro_batch_size, seq_len, spec.dp)
+    micro = [batch // (micro_batch_size * seq_len * spec.dp) for _, batch in batch_schedule.entries]
+    for i, n in enumerate(micro):
+        if spec.pipeline is not None:
+            try:
+                spec.pipeline.check_micro_batches(n)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (schedule.batch[{i}].global_batch_tokens="
+                                  f"{batch_schedule.entries[i][1]})") from None
+    return micro
+
+
 def build_model_on_meta(model_cfg, topo, recompute: bool):
     """This rank's part of the model with every parameter cut to its block, nothing allocated."""
     from model import MiniMaxForCausalLM

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, compose_config
+from .schedules import BatchSchedule
 
 GIB = 2 ** 30
 PLAN_KEYS = {"world_size": int, "device_memory_gib": float, "runtime_reserve_gib": float}
@@ -76,7 +77,7 @@ def _meta_rank(cfg, model_cfg, world: int, rank: int, param_dtype):
 def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, list[str], float]:
     """(rows of (item, GiB), the total GiB, the printed lines, plan.device_memory_gib) for the overrides."""
     from .activation_memory import activation_bytes
-    from .layout import check_layout
+    from .layout import check_batches, check_layout
     from .train import build_model_config
 
     options, rest = {}, []
@@ -101,33 +102,62 @@ def plan(overrides: list[str]) -> tuple[list[tuple[str, float]], float, list[str
     spec = check_layout(cfg.parallel, world, model_cfg, seq_len)
     dtype = "bf16" if cfg.trainer.dtype in ("bf16", "auto") else "fp32"  # auto: bf16 on the GPUs planned for
     param_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    topo, state = _meta_rank(cfg, model_cfg, world, 0, param_dtype)
     recompute = bool(cfg.trainer.recompute)
-    sizes = {"tp": topo.tp, "sequence_parallel": topo.sequence_parallel, "cp": topo.cp, "ep": topo.ep, "etp": topo.etp}
-    acts = {r: activation_bytes(model_cfg, tokens=mbs * seq_len, micro_batch_size=mbs, compute_dtype=dtype, recompute=r,
-                                device_type="cuda", **sizes) for r in (False, True)}
-    chosen = acts[recompute]
     reserve = options.get("runtime_reserve_gib", DEFAULT_RUNTIME_RESERVE_GIB)
-    rows = [
-        (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, experts "
-         + f"{state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
-        ("gradients (fp32 main grads; reduce-scattered in place)", state.gradients / GIB),
-        ("master weights + AdamW moments (fp32, this rank's slice)", state.optimizer / GIB),
-        (f"activations ({'recompute' if recompute else 'no recompute'}, peak in backward)",
-         chosen["peak"] / GIB),
-        ("runtime reserve (CUDA context, NCCL, fragmentation)", reserve),
-    ]
-    total = sum(v for _, v in rows)
-    counts = chosen["per_layer_kind_counts"]
-    lines = [f"plan: {spec.description}, world {world}, window {seq_len} x micro-batch {mbs}, params {dtype}",
-             f"{'item':<72}{'GiB':>10}"]
+    pipeline = spec.pipeline
+    stages = 1 if pipeline is None else pipeline.pp
+    micro = check_batches(BatchSchedule.from_config(cfg.schedule.batch), spec, mbs, seq_len)  # per rank and step
+    ranks = []  # per pipeline rank (one rank of each stage; all others of a stage are alike)
+    for pp_rank in range(stages):
+        topo, state = _meta_rank(cfg, model_cfg, world, pp_rank * (world // stages), param_dtype)
+        sizes = {"tp": topo.tp, "sequence_parallel": topo.sequence_parallel, "cp": topo.cp, "ep": topo.ep,
+                 "etp": topo.etp}
+
+        def activations(layers, r, sizes=sizes):
+            return activation_bytes(model_cfg, tokens=mbs * seq_len, micro_batch_size=mbs, compute_dtype=dtype,
+                                    recompute=r, device_type="cuda", layers=layers, **sizes)
+
+        if pipeline is None:
+            acts = {r: activations(None, r) for r in (False, True)}
+            peak, held = acts[recompute]["peak"], ""
+        else:
+            local = [pipeline.stage_layers[s] for s in pipeline.local_stages(pp_rank)]
+            acts = {r: activations([i for layers in local for i in layers], r) for r in (False, True)}
+            per_stage = [activations(layers, recompute) for layers in local]
+            in_flight = pipeline.in_flight(pp_rank, min(micro))
+            # the largest local stage stands for every micro-batch in flight, plus one layer recreated in backward
+            peak = in_flight * max(a["kept"] for a in per_stage) + max(
+                max(a["recomputed_layer"], a["head_transient"]) for a in per_stage)
+            held = f", {in_flight} stage micro-batches in flight"
+        rows = [
+            (f"parameters ({dtype}; dense {state.parameters_by_kind.get('dense', 0) / GIB:.2f}, experts "
+             + f"{state.parameters_by_kind.get('experts', 0) / GIB:.2f})", state.parameters / GIB),
+            ("gradients (fp32 main grads; reduce-scattered in place)", state.gradients / GIB),
+            ("master weights + AdamW moments (fp32, this rank's slice)", state.optimizer / GIB),
+            (f"activations ({'recompute' if recompute else 'no recompute'}, peak in backward{held})", peak / GIB),
+            ("runtime reserve (CUDA context, NCCL, fragmentation)", reserve),
+        ]
+        ranks.append((sum(v for _, v in rows), pp_rank, rows, acts))
+    total, worst, rows, acts = max(ranks, key=lambda r: r[0])
+    lines = [f"plan: {spec.description}, world {world}, window {seq_len} x micro-batch {mbs}, params {dtype}"]
+    if pipeline is not None:
+        lines.append("pipeline rank: layers, GiB per rank (params | grads | master+moments | activations | total)")
+        for t, pp_rank, r, _ in ranks:
+            layers = [i for s in pipeline.local_stages(pp_rank) for i in pipeline.stage_layers[s]]
+            lines.append(f"  {pp_rank:>3}: {len(layers):>3} layers  " + " | ".join(f"{v:.2f}" for _, v in r[:4])
+                         + f" | {t:.2f}")
+        lines.append("pipeline bubble: " + ", ".join(
+            f"{pipeline.bubble_fraction(n):.1%} at {n} micro-batches per rank" for n in sorted(set(micro))))
+    lines.append(f"{'item':<72}{'GiB':>10}" + ("" if pipeline is None else f"  (pipeline rank {worst})"))
     lines += [f"{name:<72}{value:>10.2f}" for name, value in rows]
-    lines.append("activations per layer kind (GiB, without | with recompute):")
+    counts = acts[recompute]["per_layer_kind_counts"]
+    lines.append("activations per layer kind (GiB, without | with recompute, one micro-batch):")
     for layer_kind in ("lightning", "softmax", "moe", "embedding", "head"):
         n = counts.get(layer_kind, 1)
         without, with_recompute = acts[False][layer_kind] / GIB, acts[True][layer_kind] / GIB
         lines.append(f"  {layer_kind:<12} x{n:<4}{without:>10.3f} |{with_recompute:>10.3f}")
-    lines.append(f"max per-rank memory: {total:.2f} GiB (every rank: {spec.description})")
+    which = "every rank" if pipeline is None else f"pipeline rank {worst}"
+    lines.append(f"max per-rank memory: {total:.2f} GiB ({which}: {spec.description})")
     return rows, total, lines, options.get("device_memory_gib", DEFAULT_DEVICE_MEMORY_GIB)
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from . import checkpoint as ckpt
 from .config import ConfigError, compose_config, validate_trainer_config
 from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
-from .layout import Layout, LayoutSpec, check_layout
+from .layout import Layout, LayoutSpec, check_batches, check_layout
 from .schedules import BatchSchedule, LRSchedule
 
 EXIT_BAD_INPUT = 2
@@ -68,13 +68,7 @@ def plan_run(cfg, env: DistEnv) -> Plan:
 
     lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
     batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
-    batch_schedule.check_divisible(mbs, seq_len, layout.dp)
-    if layout.pipeline is not None:
-        for i, (_, batch) in enumerate(batch_schedule.entries):
-            try:
-                layout.pipeline.check_micro_batches(batch // (mbs * seq_len * layout.dp))
-            except ValueError as exc:
-                raise ConfigError(f"{exc} (schedule.batch[{i}].global_batch_tokens={batch})") from None
+    check_batches(batch_schedule, layout, mbs, seq_len)
 
     device = pick_device(cfg.trainer.device, env)
     dtype = cfg.trainer.dtype
