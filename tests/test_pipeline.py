@@ -18,7 +18,7 @@ from trainer.train import EXIT_BAD_INPUT, main_from_overrides
 PP = ["model.num_layers=4", "schedule.batch=[{tokens:0,global_batch_tokens:256},{tokens:512,global_batch_tokens:512}]",
       "trainer.checkpoint.every=2", "trainer.checkpoint.keep_last=0"]
 TWO_RANKS = {
-    "pp2": ["parallel.pp=2"],
+    "pp2_recompute": ["parallel.pp=2", "trainer.recompute=true"],
     "pp2_interleaved": ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
 }
 FOUR_RANKS = {
