@@ -1,4 +1,4 @@
-"""Attention kernels and their pure-PyTorch references (DESIGN §1, §2)."""
+"""Attention kernels and their pure-PyTorch references (docs/architecture.md, 'The model')."""
 
 from kernels.lightning_attention import lightning_attention
 from kernels.lightning_reference import lightning_attention_chunked, lightning_attention_naive

@@ -1,6 +1,6 @@
 """Pure-PyTorch lightning attention: the CPU path and the ground truth for the Triton kernel.
 
-Per head h with decay lambda_h = exp(-slope_h) (DESIGN §2):
+Per head h with decay lambda_h = exp(-slope_h) (docs/architecture.md, 'The model'):
     S_t = lambda_h * S_{t-1} + k_t^T v_t        (state d_k x d_v, fp32 or wider)
     o_t = q_t S_t                                (no 1/sqrt(d) scale)
 The state resets to `initial_state[n]` (zero when None) at the start of every
@@ -120,7 +120,7 @@ def _block_size_for(lengths: list[int], block_size: int) -> int:
 def lightning_attention_chunked(
     q, k, v, slope, cu_seqlens=None, initial_state=None, output_final_state=False, block_size=64
 ):
-    """Block form of DESIGN §2 with fp32 (or wider) state, vectorised over all documents.
+    """The block form (docs/architecture.md, 'The model') with fp32 (or wider) state, vectorised over all documents.
 
     Each document is zero-padded at its end to a multiple of `block_size`, so every block
     belongs to exactly one document. Per block b (positions j = 0..B-1, L_b valid of them):

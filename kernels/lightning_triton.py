@@ -3,7 +3,7 @@
     lightning_attention_triton(q, k, v, slope, cu_seqlens=None, initial_state=None,
                                output_final_state=False) -> (o, final_state)
 
-Same math and API as kernels/lightning_reference.py (DESIGN §2): q, k [T, H, d_k], v [T, H, d_v]
+Same math and API as kernels/lightning_reference.py (docs/architecture.md, 'The model'): q, k [T, H, d_k], v [T, H, d_v]
 (packed documents, batch flattened) in bf16, fp16 or fp32; slope [H] (lambda_h = exp(-slope_h));
 cu_seqlens [N+1] (None: one document); initial_state [N, H, d_k, d_v] (fp32, gradient
 returned); o [T, H, d_v] in q.dtype; final_state [N, H, d_k, d_v] fp32 or None.

@@ -1,4 +1,4 @@
-"""Triton forward kernels of lightning attention (DESIGN §2), segment-parallel form.
+"""Triton forward kernels of lightning attention (docs/architecture.md, 'The model'), segment-parallel form.
 
 The packed sequence is cut into segments of a few hundred to a few thousand tokens that never
 cross a document boundary (see kernels/lightning_triton.py). Per head h (s = slope_h,

@@ -1,4 +1,4 @@
-"""The network in plain PyTorch (no process groups): see DESIGN §2."""
+"""The network in plain PyTorch (no process groups): see docs/architecture.md, 'The model'."""
 
 from .config import ModelConfig
 from .transformer import MiniMaxForCausalLM, ModelOutput

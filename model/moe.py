@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward: fp32 top-k router, capacity-based token drop, Switch aux loss, SwiGLU experts.
 
-Routing (DESIGN §2): top-k by logit, gates = softmax over the chosen logits (Mixtral's softmax-topk-renormalise).
+Routing: top-k by logit, gates = softmax over the chosen logits (Mixtral's softmax-topk-renormalise).
 Token drop: expert e keeps at most capacity[e] of its assignments, highest gate first (ties: earlier token);
 a dropped assignment contributes zero, the residual path still carries the token.
 """

@@ -1,6 +1,6 @@
 """Expert-parallel dispatch and combine: EP all-to-all, ETP all-gather / reduce-scatter, G overlapped token groups.
 
-Layout (MoE parallel folding, DESIGN §3): the E experts are split over the EP group (rank j owns experts
+Layout (MoE parallel folding, docs/architecture.md, 'Parallel layouts'): the E experts are split over the EP group (rank j owns experts
 j*E/EP .. (j+1)*E/EP - 1) and every expert's SwiGLU FFN is split over the ETP group along its hidden dimension
 (rank q holds columns q*F/ETP .. of w_gate/w_up and the same rows of w_down). Every rank holds different tokens.
 

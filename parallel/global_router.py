@@ -5,7 +5,7 @@ expert-data-parallel replica (each of them holds different tokens: data, context
 Its "global batch" is the concatenation of the ranks' tokens in group order (ETP index fastest, then EP, as in
 MoE parallel folding).
 
-Global rule (DESIGN §3): C_e = ceil(cf * T_group * k / E). When expert e's total demand D_e exceeds C_e, rank r
+Global rule (docs/architecture.md, 'Parallel layouts'): C_e = ceil(cf * T_group * k / E). When expert e's total demand D_e exceeds C_e, rank r
 gets floor(C_e * d_re / D_e) slots, and the slots left over go one each to ranks in rank order (only ranks whose
 share has a fractional part), so every slot is used. Each rank keeps its highest-gate assignments within its allotment.
 Local rule (Megatron's): every rank applies C = ceil(cf * T_r * k / E) to its own tokens.

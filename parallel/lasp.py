@@ -1,4 +1,4 @@
-"""LASP+: lightning attention over the zigzag context-parallel layout (DESIGN §3, MiniMax-01 §3.2).
+"""LASP+: lightning attention over the zigzag context-parallel layout (docs/architecture.md, 'Parallel layouts'; MiniMax-01 §3.2).
 
 Per head, S_t = lambda S_{t-1} + k_t^T v_t and o_t = q_t S_t, reset at every document start. A rank
 holds two chunks of each window. Per local chunk c:

@@ -1,4 +1,4 @@
-"""Varlen ring attention for the softmax layers over the zigzag context-parallel layout (DESIGN §3).
+"""Varlen ring attention for the softmax layers over the zigzag context-parallel layout (docs/architecture.md, 'Parallel layouts').
 
 Every rank keeps its queries; the K/V of all CP ranks travel once around the ring (asynchronous P2P,
 overlapped with the attention of the block that has just arrived). A local query token attends a key

@@ -1,4 +1,4 @@
-"""The zigzag token layout of context parallelism (DESIGN §3).
+"""The zigzag token layout of context parallelism (docs/architecture.md, 'Parallel layouts').
 
 A packed window of T tokens (global `cu_seqlens`) is cut into 2*CP chunks of C = T / (2*CP) tokens;
 CP rank r holds chunks r and 2*CP-1-r, in that order, so every rank gets the same causal work.

@@ -1,4 +1,4 @@
-"""Training: Hydra entry point, loop, schedules, checkpoints, metrics and logging (DESIGN §5)."""
+"""Training: Hydra entry point, loop, schedules, checkpoints, metrics and logging (docs/architecture.md, 'Training')."""
 
 import os
 

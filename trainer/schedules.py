@@ -1,4 +1,4 @@
-"""The LR schedule (WSD family of DESIGN §5) and the batch-size warmup in tokens.
+"""The LR schedule (WSD family; docs/architecture.md, 'Training') and the batch-size warmup in tokens.
 
 The LR is a small pure function of (step, tokens seen) rather than megatron-core's
 OptimizerParamScheduler: its WSD style has no intermediate step-down (2e-4 -> 1.3e-4 in MiniMax-01)
