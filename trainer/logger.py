@@ -1,4 +1,5 @@
-"""Per-step outputs of rank 0: a live tqdm bar, `metrics.jsonl` in the run dir, and wandb (imported lazily)."""
+"""Per-step outputs of rank 0: a live tqdm bar, `metrics.jsonl` in the run dir (each row with its wall-clock `time`),
+and wandb (imported lazily)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import netrc
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -104,7 +106,7 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: _finite_or_none(v) for k, v in metrics.items()}
-        self.metrics_file.write(json.dumps(clean) + "\n")
+        self.metrics_file.write(json.dumps({**clean, "time": time.time()}) + "\n")  # unix seconds, wall clock
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if v is not None and k != "step"}, step=metrics["step"])
         if self.bar is not None:
