@@ -83,6 +83,15 @@ class DistributedAdamW:
                 if work is not None:
                     self._gathers[i] = work
 
+    @torch.no_grad()
+    def masters_from_parameters(self) -> None:
+        """After the parameters were filled in place (e.g. from Hugging Face weights): copy them into the fp32
+        master slices (fp32 parameters are their own masters)."""
+        for master, b in zip(self.masters, self.grad_sync.buckets):
+            lo, hi = b.shard
+            if master.data_ptr() != b.flat_params[lo:hi].data_ptr():
+                master.copy_(b.flat_params[lo:hi])
+
     def wait_params(self, buckets=None) -> None:
         """Finish the parameter all-gathers of `buckets` (indices; default all) still in flight."""
         for i in list(self._gathers) if buckets is None else buckets:

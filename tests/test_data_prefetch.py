@@ -127,7 +127,7 @@ def test_trainer_reports_a_data_error_of_the_thread_in_one_line(tmp_path, capsys
 
     micro = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.head_dim=16",
              "model.num_kv_heads=1", "model.num_experts=4", "model.ffn_hidden_size=64", "model.softmax_period=2",
-             "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.steps=3", "logging.wandb.mode=disabled",
+             "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.steps=3", "logging.wandb.mode=disabled", "logging.plots=false",
              "logging.progress_bar=false", "schedule.lr.warmup_steps=1", "schedule.lr.decay_steps=0",
              "schedule.batch=[{tokens:0,global_batch_tokens:128}]", "data.min_doc_tokens=1000000000",
              f"trainer.run_dir={tmp_path / 'run'}"]

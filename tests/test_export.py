@@ -18,7 +18,7 @@ MICRO = [
     "model.num_layers=2", "model.softmax_period=2", "model.hidden_size=32", "model.num_heads=2",
     "model.head_dim=16", "model.num_kv_heads=2", "model.num_experts=4", "model.ffn_hidden_size=64",
     "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.steps=1", "trainer.log_every=1000",
-    "logging.wandb.mode=disabled", "logging.progress_bar=false", "schedule.lr.warmup_steps=0",
+    "logging.wandb.mode=disabled", "logging.plots=false", "logging.progress_bar=false", "schedule.lr.warmup_steps=0",
     "schedule.lr.decay_steps=0", "schedule.lr.drop_at_step=null", "optim.lr=0.01",
     "schedule.batch=[{tokens:0,global_batch_tokens:128}]", "parallel=tp2", "parallel.ep=2",
 ]

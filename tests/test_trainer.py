@@ -22,7 +22,7 @@ MICRO = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.head_dim=16",
     "model.num_kv_heads=1", "model.num_experts=4", "model.ffn_hidden_size=64", "model.softmax_period=2",
     "stage.seq_len=64", "trainer.micro_batch_size=2", "trainer.log_every=1000",
-    "logging.wandb.mode=disabled", "logging.progress_bar=false",
+    "logging.wandb.mode=disabled", "logging.plots=false", "logging.progress_bar=false",
     "schedule.lr.warmup_steps=2", "schedule.lr.decay_steps=0", "schedule.lr.drop_at_step=null",
 ]
 # 128 tokens (1 micro-batch) per step until 640 tokens were seen, then 256 (2 micro-batches).
@@ -65,7 +65,8 @@ def extra(path: Path) -> dict:
 def test_tiny_run_lowers_loss(tmp_path):
     run_dir = tmp_path / "run"
     rc = train(run_dir, "trainer.steps=40", "stage.seq_len=128", "trainer.micro_batch_size=4",
-               "schedule.batch=[{tokens:0,global_batch_tokens:1024}]", "trainer.checkpoint.every=0")
+               "schedule.batch=[{tokens:0,global_batch_tokens:1024}]", "trainer.checkpoint.every=0",
+               "logging.plots=true")
     assert rc == 0
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 40
@@ -77,6 +78,7 @@ def test_tiny_run_lowers_loss(tmp_path):
                 "tflops_per_device", "mfu", "memory_gib"):
         assert isinstance(row[key], (int, float)), key
     assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "plots" / "loss.png").is_file()  # written when the run ends
 
 
 def test_no_checkpoint_when_at_end_is_off(tmp_path):

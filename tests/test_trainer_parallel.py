@@ -29,7 +29,7 @@ MICRO = [
     "model.num_layers=2", "model.softmax_period=2", "model.hidden_size=32", "model.num_heads=2",
     "model.head_dim=16", "model.num_kv_heads=2", f"model.num_experts={NUM_EXPERTS}", "model.ffn_hidden_size=64",
     f"model.capacity_factor={CAPACITY_FACTOR}", "model.aux_loss_coef=0.1", "stage.seq_len=64",
-    "trainer.micro_batch_size=1", "trainer.steps=3", "trainer.log_every=1000", "logging.wandb.mode=disabled",
+    "trainer.micro_batch_size=1", "trainer.steps=3", "trainer.log_every=1000", "logging.wandb.mode=disabled", "logging.plots=false",
     "logging.progress_bar=false", "schedule.lr.warmup_steps=2", "schedule.lr.decay_steps=0",
     "schedule.lr.drop_at_step=null", "schedule.batch=[{tokens:0,global_batch_tokens:128}]",
 ]

@@ -39,6 +39,7 @@ class Plan:
     autocast_dtype: torch.dtype | None
     run_dir: Path
     resume_from: Path | None
+    init_from: tuple[str, Path] | None  # ("checkpoint" | "hf", path) for a fresh run
 
 
 def build_model_config(cfg):
@@ -100,7 +101,22 @@ def plan_run(cfg, env: DistEnv) -> Plan:
         raise ConfigError(f"trainer.run_dir={run_dir} already holds checkpoints; pass trainer.resume=auto to "
                           f"continue that run, or choose another trainer.name / trainer.run_dir")
     return Plan(model_cfg, layout, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
-                autocast_dtype, run_dir, resume_from)
+                autocast_dtype, run_dir, resume_from, None if resume_from else _init_source(cfg.trainer.init_from))
+
+
+def _init_source(init_from) -> tuple[str, Path] | None:
+    """Where a fresh run's weights come from, checked before anything is written."""
+    if init_from is None:
+        return None
+    if init_from.startswith("hf:"):
+        path = Path(init_from[3:])
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"trainer.init_from={init_from}: no Hugging Face model there (no config.json)")
+        return "hf", path
+    path = Path(init_from)
+    if not (path / ckpt.MARKER).is_file():
+        raise ConfigError(f"trainer.init_from={init_from}: not a complete checkpoint (no '{ckpt.MARKER}' marker)")
+    return "checkpoint", path
 
 
 def run(cfg, env: DistEnv) -> None:
@@ -133,20 +149,30 @@ def run(cfg, env: DistEnv) -> None:
         batch_schedule=plan.batch_schedule, logger=None, flops_per_token=flops_per_token,
         peak_tflops=peak_tflops(plan.device, cfg.logging), ckpt_root=plan.run_dir / "checkpoints",
         config_yaml=config_yaml)
-    if plan.resume_from is not None:
-        try:
+    source = ("trainer.resume", plan.resume_from) if plan.resume_from else \
+        ("trainer.init_from", plan.init_from[1]) if plan.init_from else None
+    try:
+        if plan.resume_from is not None:
             trainer.load(plan.resume_from)
-        except (RuntimeError, KeyError, ValueError, CheckpointException) as exc:  # e.g. another model shape
-            failure = next(iter(getattr(exc, "failures", {}).values()), None)  # DCP: {rank: (error, traceback)}
-            exc = failure[0] if isinstance(failure, tuple) else failure or exc
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"trainer.resume: cannot load {plan.resume_from} into this config: {first}") from None
+        elif plan.init_from is not None and plan.init_from[0] == "checkpoint":
+            layout.load_checkpoint(plan.init_from[1])  # weights and optimizer state; counters and data anew
+        elif plan.init_from is not None:
+            from parallel.hf_load import load_hf_weights
+
+            load_hf_weights(layout.model, plan.init_from[1])  # each rank reads only its slices
+            layout.optimizer.masters_from_parameters()
+    except (RuntimeError, KeyError, ValueError, OSError, CheckpointException) as exc:  # e.g. another model shape
+        failure = next(iter(getattr(exc, "failures", {}).values()), None)  # DCP: {rank: (error, traceback)}
+        exc = failure[0] if isinstance(failure, tuple) else failure or exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{source[0]}: cannot load {source[1]} into this config: {first}") from None
 
     if env.is_main:
         say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | layout {plan.layout.description} | "
             f"dtype {'bf16' if plan.autocast_dtype else 'fp32'} (fp32 master weights) | optimizer {layout.optimizer_impl} | params "
             f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active (non-embedding) | "
-            + (f"resumed from {plan.resume_from} (step {trainer.state.step})" if plan.resume_from else "fresh start"))
+            + (f"resumed from {plan.resume_from} (step {trainer.state.step})" if plan.resume_from else
+               f"fresh start from {plan.init_from[1]}" if plan.init_from else "fresh start"))
     trainer.logger = RunLogger(cfg, plan.run_dir, env.is_main, trainer.state.step)
     success = False
     try:
@@ -154,6 +180,13 @@ def run(cfg, env: DistEnv) -> None:
         success = True
     finally:
         trainer.logger.close(success)
+    if env.is_main and cfg.logging.plots:
+        from .plot import PlotError, write_plots
+
+        try:
+            write_plots(plan.run_dir, metrics_file=cfg.logging.metrics_file)
+        except (PlotError, OSError) as exc:  # plotting must not fail a finished run
+            say(f"plots: {exc}")
 
 
 def main_from_overrides(overrides: list[str]) -> int:
