@@ -174,7 +174,6 @@ class _Prefix:
         return self._bounds[local], self._bounds[local + 1] - self._bounds[local]
 
 
-
 def _is_range(values: np.ndarray, stop: int, chunk: int = 1 << 22) -> bool:
     """values == arange(stop + 1), compared a chunk at a time (an index may hold billions of documents)."""
     return len(values) == stop + 1 and all(np.array_equal(values[i:i + chunk], np.arange(i, min(i + chunk, stop + 1)))
