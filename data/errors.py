@@ -4,7 +4,8 @@ import numpy as np
 
 
 class ConfigError(ValueError):
-    """A data setting is wrong, e.g. ``data.path: /x does not exist``."""
+    """Bad input anywhere (trainer, layout, data): one line naming the setting, e.g. ``data.path: /x does not
+    exist``; the entry points print it and exit with code 2."""
 
 
 def positive_int(value, setting: str, allow_zero: bool = False) -> int:

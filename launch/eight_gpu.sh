@@ -25,7 +25,7 @@ common=(model="$MODEL" stage=main_8k stage.seq_len="$SEQ" trainer.micro_batch_si
 run() {  # run NAME NPROC overrides...
   local name=$1 nproc=$2; shift 2
   local rc=0
-  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m trainer.train \
+  "$PYTHON" -m trainer.launch --standalone --nproc_per_node="$nproc" -m trainer.train \
     "${common[@]}" trainer.run_dir="$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1 || rc=$?
   grep -E "^step|^error" "$RESULTS/$name.log" || true
   if [ "$rc" != 0 ]; then echo "$name failed (exit $rc), see $RESULTS/$name.log"; exit "$rc"; fi

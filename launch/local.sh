@@ -14,5 +14,5 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 NPROC="${NPROC:-2}"
 # One OpenMP thread per process: the processes already share the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+exec "$PYTHON" -m trainer.launch --standalone --nproc_per_node="$NPROC" \
   -m trainer.train trainer.device=cpu "$@"

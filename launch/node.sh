@@ -13,5 +13,5 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+exec "$PYTHON" -m trainer.launch --standalone --nproc_per_node="$NPROC" \
   -m trainer.train trainer.device=cuda "$@"

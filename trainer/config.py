@@ -8,12 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.errors import ConfigError  # the one error type for bad input, data settings included
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
-
-
-class ConfigError(Exception):
-    """Bad input: the message is one line that names the offending setting."""
 
 
 def _one_line(text: str) -> str:

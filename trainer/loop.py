@@ -12,16 +12,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import ConfigError as DataConfigError
 from data import RankStreams, StepPrefetcher
 from kernels.cu_seqlens import remember_cu_seqlens
 from model.rope import positions_from_cu_seqlens
 
+from .checkpoint import step_dir_name
 from .config import ConfigError
 from .distributed import DistEnv
 from .logger import say
 from .metrics import peak_memory_gib, throughput
 from .optim import set_lr
+from .preemption import StopRequests
 from .schedules import BatchSchedule, LRSchedule
 
 
@@ -38,6 +39,10 @@ def expert_load_shares(tokens_per_expert: torch.Tensor) -> dict:
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm of a step is NaN/inf; raised before the optimizer step."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; the step it arrived in was finished and checkpointed."""
 
 
 @dataclass
@@ -130,7 +135,7 @@ class Trainer:
     def _raise_data_failure(self, error: Exception | None):
         """Every DP rank raises when one failed to read its windows (else the others would wait for it in the
         next collective); a data setting error comes out as the same one-line ConfigError on every rank."""
-        report = None if error is None else (isinstance(error, DataConfigError), " ".join(str(error).split()))
+        report = None if error is None else (isinstance(error, ConfigError), " ".join(str(error).split()))
         reports = [report] * self.layout.dp
         if self.layout.dp > 1:
             dist.all_gather_object(reports, report, group=self.layout.dp_group)
@@ -245,6 +250,7 @@ class Trainer:
         every = int(self.cfg.trainer.checkpoint.every)
         if self.state.step >= total and self.env.is_main:
             say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
+        stop_requests = StopRequests().install()
         try:
             while self.state.step < total:
                 metrics = self.train_step()
@@ -252,8 +258,17 @@ class Trainer:
                 self.layout.finish_checkpoint(wait=False)  # a background save whose writes are done
                 if every and self.state.step % every == 0:
                     self.save()
+                stop = stop_requests.agreed(self.device, self.env.distributed)
+                if stop:
+                    if self.saved_step != self.state.step:
+                        self.save()
+                    self.layout.finish_checkpoint(wait=True)
+                    raise Preempted(f"stopped by {stop} after step {self.state.step}; checkpoint "
+                                    f"{self.ckpt_root / step_dir_name(self.state.step)} (trainer.resume=auto "
+                                    f"continues)")
             if self.cfg.trainer.checkpoint.at_end and self.saved_step != self.state.step:
                 self.save()
             self.layout.finish_checkpoint(wait=True)
         finally:
+            stop_requests.uninstall()
             self.data.stop()

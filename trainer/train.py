@@ -22,6 +22,8 @@ from .schedules import BatchSchedule, LRSchedule
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
+EXIT_PREEMPTED = 4  # a stop signal: the current step finished and was checkpointed
+EXIT_INTERRUPTED = 130  # a second Ctrl-C
 
 
 @dataclass
@@ -130,6 +132,12 @@ def run(cfg, env: DistEnv) -> None:
 
     plan = plan_run(cfg, env)
     init_process_group(env, plan.device)
+    if env.distributed:  # rank 0's view of the checkpoints decides, so no rank resumes from another step
+        import torch.distributed as dist
+
+        decision = [plan.resume_from, plan.init_from]
+        dist.broadcast_object_list(decision, src=0)
+        plan.resume_from, plan.init_from = decision
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if env.is_main:  # the only process that writes files
         plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +199,7 @@ def run(cfg, env: DistEnv) -> None:
 
 def main_from_overrides(overrides: list[str]) -> int:
     """Run the trainer with Hydra-style overrides; returns the exit code (used by the CLI and by tests)."""
-    from .loop import NonFiniteLoss
+    from .loop import NonFiniteLoss, Preempted
 
     env = DistEnv()
     try:
@@ -207,6 +215,15 @@ def main_from_overrides(overrides: list[str]) -> int:
         if env.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
+    except Preempted as exc:
+        if env.is_main:
+            print(str(exc), file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        if env.is_main:
+            print("interrupted (a second Ctrl-C): the newest complete checkpoint is in the run dir's checkpoints/",
+                  file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         shutdown()
 
