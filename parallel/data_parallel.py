@@ -29,6 +29,7 @@ from .shard import spec_of
 from .topology import Topology
 
 DEFAULT_BUCKET_NUMEL = 40_000_000  # megatron-core's default bucket size (elements)
+NORM_CHUNK = 1 << 22
 # torch >= 2.12 renamed the flat collectives; older releases only have the *_tensor names.
 reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -163,7 +164,10 @@ class GradSync:
         """Global L2 norm of the gradient of the whole (unsharded, unreplicated) model; same on every rank."""
         total = torch.zeros((), dtype=torch.float64, device=self.buckets[0].main_grad.device)
         for b in self.buckets:
-            total += torch.linalg.vector_norm(b.grad_shard).double().square() * b.norm_weight  # no fp64 copy
+            # fp64 sums of squares over chunks: the CPU's fp32 norm of a large buffer is off by ~1e-4, and a
+            # whole fp64 copy would cost 8 bytes per element
+            for chunk in b.grad_shard.split(NORM_CHUNK):
+                total += chunk.double().square().sum() * b.norm_weight
         if self.topo.world_size > 1:
             dist.all_reduce(total)
         return total.sqrt()
