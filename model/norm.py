@@ -1,4 +1,4 @@
-"""RMSNorm (apex's fused kernel when importable, else plain PyTorch with fp32 statistics)."""
+"""RMSNorm in plain PyTorch with fp32 statistics (HF MiniMax's arithmetic)."""
 
 import torch
 from torch import nn
