@@ -10,8 +10,11 @@ DCP's own (at most the pieces of one write). Without an optimizer (export, evalu
 parameters' whole blocks. Loading works for any layout, also a single process without torch.distributed.
 
 Layout of a checkpoint folder: DCP's `.metadata` + `__<rank>_<n>.distcp`, `extra.pt` (the caller's picklable
-dict, from rank 0), `layout.json` (informative), and the `complete` marker, written last.
-`save_checkpoint` writes into `.tmp-<name>` next to the target and renames it into place (`parallel.atomic_folder`).
+dict, from rank 0), `layout.json` (informative), `checksums.json` (size and CRC-32 of every file) and the
+`complete` marker, written last. `save_checkpoint` writes into `.tmp-<name>` next to the target and renames it
+into place (`parallel.atomic_folder`). Each rank checksums its own shards right after writing them (also in an
+async save's background thread) into a part of the manifest, which the rank completing the folder merges
+without a collective; `verify_checkpoint` checks the files against it before a load, spread over the ranks.
 """
 
 from __future__ import annotations
@@ -28,10 +31,24 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from .atomic_folder import MARKER, begin_folder, finish_folder, fsync_file, temp_folder
+from .atomic_folder import (
+    MANIFEST,
+    MARKER,
+    begin_folder,
+    file_problem,
+    finish_folder,
+    fsync_file,
+    read_manifest,
+    temp_folder,
+    write_checksums_part,
+)
 from .shard import spec_of
 
 EXTRA_FILE = "extra.pt"
+
+
+class DamagedCheckpoint(ValueError):
+    """A file of a checkpoint is missing or differs from the checkpoint's manifest."""
 
 
 def _initialized() -> bool:
@@ -150,6 +167,19 @@ def _check_shapes(directory: Path, model) -> None:
                              f"{spec_of(p).shape} in this model")
 
 
+class _ChecksummingWriter(dcp.FileSystemWriter):
+    """DCP's file writer; it also checksums this rank's files as soon as they are written, so the cost is
+    spread over the ranks and the folder's completion needs no collective."""
+
+    def write_data(self, plan, planner):
+        written = super().write_data(plan, planner)
+        written.wait()
+        prefix, folder = plan.storage_data.prefix, Path(self.path)  # this rank's files: __<rank>_<n>.distcp
+        write_checksums_part(folder, sorted(p.name for p in folder.glob(f"{prefix}*.distcp")),
+                             f"rank{prefix.strip('_')}")
+        return written
+
+
 class _AlreadyStaged:
     """DCP's stager protocol for a state dict whose pieces are host copies already (`snapshot`)."""
 
@@ -188,7 +218,7 @@ def save_state_async(directory, model, optimizer, extra=None, topo=None, process
     _write_extra(directory, extra, topo)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return dcp.async_save(snapshot(_state(model, optimizer)), checkpoint_id=str(directory),
+        return dcp.async_save(snapshot(_state(model, optimizer)), storage_writer=_ChecksummingWriter(directory),
                               planner=_SavePlanner(), process_group=process_group, async_stager=_AlreadyStaged(),
                               no_dist=not _initialized())
 
@@ -198,7 +228,7 @@ def save_state(directory, model, optimizer=None, extra=None, topo=None) -> None:
     directory = Path(directory)
     with warnings.catch_warnings():  # DCP warns about single-process use even when asked for it
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_state(model, optimizer), checkpoint_id=str(directory), planner=_SavePlanner(),
+        dcp.save(_state(model, optimizer), storage_writer=_ChecksummingWriter(directory), planner=_SavePlanner(),
                  no_dist=not _initialized())
     _write_extra(directory, extra, topo)
     _barrier()
@@ -233,8 +263,45 @@ def save_checkpoint(path, model, optimizer=None, extra=None, topo=None) -> Path:
     return path
 
 
-def load_checkpoint(path, model, optimizer=None, topo=None) -> dict:
+def verify_checkpoint(path) -> bool:
+    """Check every file of checkpoint `path` against its manifest (collective): rank r checks files r, r + world,
+    ... and an all-reduce agrees on the outcome. DamagedCheckpoint names the first bad file; False when the
+    checkpoint has no manifest (saved before checksums were recorded), True when every file matches."""
+    path = Path(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    manifest = [None]
+    if rank == 0:  # rank 0's reading decides, so every rank checks the same list
+        try:
+            manifest[0] = read_manifest(path)
+        except ValueError as exc:
+            manifest[0] = str(exc)
+    if world > 1:
+        dist.broadcast_object_list(manifest, src=0)
+    files = manifest[0]
+    if isinstance(files, str):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {files}")
+    if files is None:
+        return False
+    names = sorted(files)
+    problems = {name: file_problem(path, name, files[name]) for name in names[rank::world]}
+    bad = torch.tensor([problems.get(name) is not None for name in names], dtype=torch.int32)
+    if world > 1:  # each file was checked by one rank
+        bad = bad.cuda() if dist.get_backend() == "nccl" else bad  # NCCL reduces device tensors only
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    first = next((name for name, b in zip(names, bad.tolist()) if b), None)
+    if first is None:
+        return True
+    message = [problems.get(first)]  # from the rank that checked the file
+    if world > 1:
+        dist.broadcast_object_list(message, src=names.index(first) % world)
+    raise DamagedCheckpoint(f"checkpoint {path} is damaged: {message[0]}")
+
+
+def load_checkpoint(path, model, optimizer=None, topo=None, verify: bool = True) -> dict:
+    """`load_state` from a complete checkpoint folder; `verify`: check its files first (`verify_checkpoint`)."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no '{MARKER}' marker) or missing")
+    if verify and not verify_checkpoint(path):
+        warnings.warn(f"checkpoint {path} has no {MANIFEST}: loading it unverified", stacklevel=2)
     return load_state(path, model, optimizer, topo)

@@ -2,9 +2,10 @@
 
 A checkpoint is written into `.tmp-step_000123/`, every file fsync'ed, the marker added, and the folder
 renamed into place (`parallel.atomic_folder`), so a crash mid-save never leaves a `step_*` folder that loads.
-Readers accept only `step_*` folders holding the marker. The state itself is torch DCP written by all ranks
-(`parallel.checkpoint.save_state`, layout-independent); `begin_save` / `finish_save` are the two halves
-around that write (`trainer.layout.Layout.save_checkpoint`).
+Readers accept only `step_*` folders holding the marker; before loading, its files are checked against the
+`checksums.json` manifest written before the marker (`parallel.checkpoint.verify_checkpoint`). The state itself
+is torch DCP written by all ranks (`parallel.checkpoint.save_state`, layout-independent); `begin_save` /
+`finish_save` are the two halves around that write (`trainer.layout.Layout.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -55,12 +56,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_temp_folders(root: Path) -> None:
+    """Remove the temp folders left under `root` by a crash mid-save. Only while no save of this run is in flight:
+    at the start (rank 0) and when a save begins (the previous one is complete by then)."""
+    for stale in Path(root).glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def begin_save(root: Path, step: int) -> Path:
     """Create the empty temp folder of checkpoint `step` (removing leftovers of a crash mid-save); returns it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):  # left over by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_temp_folders(root)
     return begin_folder(root / step_dir_name(step))
 
 
@@ -94,12 +101,27 @@ def _set_aside(ckpt_dir: Path) -> None:
     os.replace(ckpt_dir, target)
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """The checkpoint folder that `trainer.resume` asks for, or None to start fresh."""
+def resume_candidates(resume: str, root: Path) -> list[Path]:
+    """The checkpoint folders `trainer.resume` may load, preferred first; empty to start fresh. auto|require:
+    every complete one in `root`, newest first (an older one is loaded when a newer fails verification);
+    require fails when there is none (a requeued job must not start over); a path: that checkpoint."""
     if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(root)
+        return []
+    if resume in ("auto", "require"):
+        found = complete_checkpoints(root)[::-1]
+        if not found and resume == "require":
+            raise ConfigError(f"trainer.resume=require: no complete checkpoint in {root}")
+        return found
+    return [_resume_path(resume)]
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint folder that `trainer.resume` asks for first, or None to start fresh."""
+    candidates = resume_candidates(resume, root)
+    return candidates[0] if candidates else None
+
+
+def _resume_path(resume: str) -> Path:
     path = Path(resume)
     if path.is_dir() and not _STEP_DIR.match(path.name):  # a checkpoints root or run dir: take its newest
         inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path

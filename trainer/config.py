@@ -116,13 +116,14 @@ def validate_trainer_config(cfg: DictConfig) -> None:
         _positive_int(cfg, key)
     for key in ("trainer.seed", "trainer.checkpoint.every", "trainer.checkpoint.keep_last"):
         _positive_int(cfg, key, allow_zero=True)
-    for key in ("trainer.checkpoint.at_end", "trainer.checkpoint.async", "logging.plots"):
+    for key in ("trainer.checkpoint.at_end", "trainer.checkpoint.async", "trainer.checkpoint.verify", "logging.plots"):
         value = OmegaConf.select(cfg, key)
         _need(isinstance(value, bool), f"{key}={value!r} must be true or false")
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
     _choice(cfg, "trainer.dtype", ("auto", "fp32", "bf16"))
     resume = cfg.trainer.resume
-    _need(isinstance(resume, str) and resume != "", f"trainer.resume={resume!r} must be none, auto or a checkpoint path")
+    _need(isinstance(resume, str) and resume != "",
+          f"trainer.resume={resume!r} must be none, auto, require or a checkpoint path")
     _need(isinstance(cfg.trainer.run_dir, str) and cfg.trainer.run_dir != "", "trainer.run_dir must be a path")
     init_from = cfg.trainer.get("init_from")
     _need(init_from is None or (isinstance(init_from, str) and init_from not in ("", "hf:")),

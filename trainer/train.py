@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, compose_config, validate_trainer_config
 from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
 from .layout import Layout, LayoutSpec, check_batches, check_layout
+from .logger import say
 from .schedules import BatchSchedule, LRSchedule
 
 EXIT_BAD_INPUT = 2
@@ -42,6 +43,7 @@ class Plan:
     run_dir: Path
     resume_from: Path | None
     init_from: tuple[str, Path] | None  # ("checkpoint" | "hf", path) for a fresh run
+    resume_fallbacks: list[Path]  # resume=auto|require: older checkpoints, newest first, if resume_from is damaged
 
 
 def build_model_config(cfg):
@@ -98,12 +100,14 @@ def plan_run(cfg, env: DistEnv) -> Plan:
         raise _data_error(exc) from None
 
     run_dir = Path(cfg.trainer.run_dir)
-    resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    candidates = ckpt.resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
     if cfg.trainer.resume == "none" and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
         raise ConfigError(f"trainer.run_dir={run_dir} already holds checkpoints; pass trainer.resume=auto to "
                           f"continue that run, or choose another trainer.name / trainer.run_dir")
+    resume_from = candidates[0] if candidates else None
     return Plan(model_cfg, layout, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
-                autocast_dtype, run_dir, resume_from, None if resume_from else _init_source(cfg.trainer.init_from))
+                autocast_dtype, run_dir, resume_from, None if resume_from else _init_source(cfg.trainer.init_from),
+                candidates[1:])
 
 
 def _init_source(init_from) -> tuple[str, Path] | None:
@@ -121,12 +125,41 @@ def _init_source(init_from) -> tuple[str, Path] | None:
     return "checkpoint", path
 
 
+def _verify_before_load(env: DistEnv, plan: Plan) -> None:
+    """Check the files of the checkpoint to load against its manifest (collective, before anything is written);
+    resume=auto|require falls back to the newest older checkpoint that passes, with a warning."""
+    while plan.resume_from is not None:
+        try:
+            _verify("trainer.resume", plan.resume_from, env)
+            return
+        except ConfigError as exc:  # damaged
+            if not plan.resume_fallbacks:
+                raise
+            if env.is_main:
+                say(f"warning: {exc}; resuming from the previous one, {plan.resume_fallbacks[0]}")
+            plan.resume_from = plan.resume_fallbacks.pop(0)
+    if plan.init_from is not None and plan.init_from[0] == "checkpoint":
+        _verify("trainer.init_from", plan.init_from[1], env)
+
+
+def _verify(key: str, path: Path, env: DistEnv) -> None:
+    from parallel.checkpoint import MANIFEST, DamagedCheckpoint, verify_checkpoint
+
+    try:
+        verified = verify_checkpoint(path)
+    except DamagedCheckpoint as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if not verified and env.is_main:
+        say(f"warning: {key}: checkpoint {path} has no {MANIFEST} (saved before checksums were recorded); "
+            f"loading it unverified")
+
+
 def run(cfg, env: DistEnv) -> None:
     from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors are BaseExceptions
 
     from model import MiniMaxForCausalLM
 
-    from .logger import RunLogger, say
+    from .logger import RunLogger
     from .loop import Trainer
     from .metrics import peak_tflops
 
@@ -135,13 +168,18 @@ def run(cfg, env: DistEnv) -> None:
     if env.distributed:  # rank 0's view of the checkpoints decides, so no rank resumes from another step
         import torch.distributed as dist
 
-        decision = [plan.resume_from, plan.init_from]
+        decision = [plan.resume_from, plan.resume_fallbacks, plan.init_from]
         dist.broadcast_object_list(decision, src=0)
-        plan.resume_from, plan.init_from = decision
+        plan.resume_from, plan.resume_fallbacks, plan.init_from = decision
+    if cfg.trainer.checkpoint.verify:
+        _verify_before_load(env, plan)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if env.is_main:  # the only process that writes files
+        if cfg.trainer.resume == "auto" and plan.resume_from is None:
+            say(f"trainer.resume=auto: no complete checkpoint in {plan.run_dir / 'checkpoints'}; starting fresh")
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         (plan.run_dir / "config.yaml").write_text(config_yaml)
+        ckpt.remove_temp_folders(plan.run_dir / "checkpoints")  # a crash's leftovers; no save is in flight yet
 
     torch.manual_seed(int(cfg.trainer.seed))  # dropout-free model: seeds the host-side RNG state only
     with torch.device("meta"):  # counts only
