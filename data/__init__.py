@@ -16,8 +16,9 @@ ahead of the steps in a background thread:
 
 from data.collate import collate_windows
 from data.corpus import load_corpus
+from data.documents import Holdout
 from data.errors import ConfigError
-from data.mixture import MixtureStream, interpolate_weights
+from data.mixture import MixtureStream, MixtureTransition, interpolate_weights
 from data.packing import IGNORE_INDEX, WindowStream
 from data.prefetch import StepPrefetcher
 from data.stream import DataSource, build_stream
@@ -25,7 +26,7 @@ from data.substreams import RankStreams, check_streams
 from data.tokenizer import TextTokenizer, build_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX", "ConfigError", "DataSource", "MixtureStream", "RankStreams", "StepPrefetcher", "TextTokenizer",
-    "WindowStream", "build_stream", "build_tokenizer", "check_streams", "collate_windows", "interpolate_weights",
-    "load_corpus",
+    "IGNORE_INDEX", "ConfigError", "DataSource", "Holdout", "MixtureStream", "MixtureTransition", "RankStreams",
+    "StepPrefetcher", "TextTokenizer", "WindowStream", "build_stream", "build_tokenizer", "check_streams",
+    "collate_windows", "interpolate_weights", "load_corpus",
 ]

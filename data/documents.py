@@ -14,11 +14,15 @@ data.streams): part p of a map-style corpus holds the documents i with i % parts
 on their own; each epoch of a stream is split by `datasets.distributed.split_dataset_by_node` (whole
 shards when their number divides `parts`, else every parts-th document; with a shuffle buffer, of that
 epoch's order, so a part's documents change between epochs). Positions then count within the part.
+
+A `Holdout` (eval.data.holdout) sets documents of a map-style corpus apart for validation by their row: the
+training stream skips them and the validation stream reads only them.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,18 +37,65 @@ def _as_text(value, text_field: str) -> str:
     return value
 
 
-def epoch_order(seed: int, epoch: int, part: int, parts: int, num_documents: int, shuffle: bool = True):
-    """The rows of part `part` (those i with i % parts == part) of a corpus of `num_documents` in the order of
-    `epoch`: the order of map-style text corpora and of indexed ones (data.indexed) alike."""
-    part_documents = len(range(part, num_documents, parts))
-    order = np.arange(part_documents)
-    if shuffle:
-        # Sorting raw PCG64 output (a stream numpy keeps stable across versions) rather than
-        # Generator.permutation, whose algorithm numpy does not promise to keep. Each part has its
-        # own order, so that parts do not read neighbouring documents at the same time.
-        raw = np.random.PCG64(np.random.SeedSequence([seed, epoch, part])).random_raw(part_documents)
-        order = np.argsort(raw, kind="stable")
-    return part + parts * order
+def _unit_hash(rows: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per row: splitmix64 of the row, so a row's fate does not depend on its part."""
+    z = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+HOLDOUT_CHUNK = 1 << 22  # rows hashed at a time
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Row i of a corpus is held out for validation when a hash of i is below `fraction` (eval.data.holdout);
+    `held_out` picks those rows (the validation stream) instead of the others (the training stream)."""
+
+    fraction: float = 0.0
+    held_out: bool = False
+
+    def part_rows(self, part: int, parts: int, num_documents: int) -> np.ndarray:
+        """The rows of part `part` (those i with i % parts == part) that this side of the holdout reads."""
+        if self.fraction == 0:
+            rows = np.arange(part, num_documents, parts)
+        else:  # a chunk of rows at a time: the held-out side of a huge corpus needs memory for its rows only
+            chunk, kept = parts * HOLDOUT_CHUNK, []
+            for first in range(part, num_documents, chunk):
+                rows = np.arange(first, min(first + chunk, num_documents), parts)
+                held = _unit_hash(rows) < self.fraction
+                kept.append(rows[held if self.held_out else ~held])
+            rows = np.concatenate(kept) if kept else np.arange(0)
+        where = f" of sub-stream {part} of data.streams={parts}" if parts > 1 else ""
+        if len(rows) == 0 and self.held_out:
+            raise ConfigError(f"eval.data.holdout={self.fraction} holds out none of the {num_documents} documents"
+                              f"{where}; use a larger fraction")
+        if len(rows) == 0 and self.fraction > 0:
+            raise ConfigError(f"eval.data.holdout={self.fraction} leaves no document for training{where}")
+        if len(rows) == 0:
+            raise ConfigError(f"data.streams={parts}: the corpus has only {num_documents} documents, "
+                              f"fewer than the sub-streams")
+        return rows
+
+
+NO_HOLDOUT = Holdout()
+
+
+def epoch_order(seed: int, epoch: int, part: int, parts: int, num_documents: int, shuffle: bool = True,
+                holdout: Holdout = NO_HOLDOUT):
+    """The rows of part `part` (those i with i % parts == part, on `holdout`'s side) of a corpus of
+    `num_documents` in the order of `epoch`: the order of map-style text corpora and of indexed ones (data.indexed)
+    alike."""
+    rows = holdout.part_rows(part, parts, num_documents)
+    if not shuffle:
+        return rows
+    # Sorting raw PCG64 output (a stream numpy keeps stable across versions) rather than
+    # Generator.permutation, whose algorithm numpy does not promise to keep. Each part has its
+    # own order, so that parts do not read neighbouring documents at the same time.
+    raw = np.random.PCG64(np.random.SeedSequence([seed, epoch, part])).random_raw(len(rows))
+    return rows[np.argsort(raw, kind="stable")]
 
 
 def _check_part(part: int, parts: int) -> None:
@@ -53,24 +104,23 @@ def _check_part(part: int, parts: int) -> None:
 
 
 class ShuffledDocuments:
-    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool = True, part: int = 0, parts: int = 1):
+    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool = True, part: int = 0, parts: int = 1,
+                 holdout: Holdout = NO_HOLDOUT):
         _check_part(part, parts)
         self.dataset = dataset
         self.text_field = text_field
         self.seed = seed
         self.shuffle = shuffle
-        self.part, self.parts = part, parts
+        self.part, self.parts, self.holdout = part, parts, holdout
         self.num_documents = len(dataset)  # the whole corpus's, so a checkpoint of another corpus is refused
-        self.part_documents = len(range(part, self.num_documents, parts))
-        if self.part_documents == 0:
-            raise ConfigError(f"data.streams={parts}: the corpus has only {self.num_documents} documents, "
-                              f"fewer than the sub-streams")
+        self.part_documents = len(holdout.part_rows(part, parts, self.num_documents))
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            self._order = epoch_order(self.seed, epoch, self.part, self.parts, self.num_documents, self.shuffle)
+            self._order = epoch_order(self.seed, epoch, self.part, self.parts, self.num_documents, self.shuffle,
+                                      self.holdout)
             self._order_epoch = epoch
         return self._order
 
@@ -96,10 +146,14 @@ class ShuffledDocuments:
 class StreamedDocuments:
     num_documents = None  # unknown without reading the whole stream
 
-    def __init__(self, dataset, text_field: str, seed: int, shuffle_buffer: int = 0, part: int = 0, parts: int = 1):
+    def __init__(self, dataset, text_field: str, seed: int, shuffle_buffer: int = 0, part: int = 0, parts: int = 1,
+                 holdout: Holdout = NO_HOLDOUT):
         from datasets.distributed import split_dataset_by_node
 
         _check_part(part, parts)
+        if holdout.fraction > 0:
+            raise ConfigError("eval.data.holdout: a streamed corpus has no row index to hold documents out by; "
+                              "give validation its own corpus (eval.data.source/path) or set data.streaming=false")
         self.text_field = text_field
         self.seed = seed
         self.shuffle_buffer = int(shuffle_buffer or 0)

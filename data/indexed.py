@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.documents import epoch_order
+from data.documents import NO_HOLDOUT, Holdout, epoch_order
 from data.errors import ConfigError, positive_int
 from data.mixture import MixtureStream
-from data.packing import IGNORE_INDEX, doc_token_range, nothing_accepted_message
+from data.packing import IGNORE_INDEX, check_holdout, doc_token_range, holdout_state, nothing_accepted_message
 
 SHARD = re.compile(r"(?P<index>\d{5})-of-(?P<count>\d{5})$")  # the name end of a shard of data.prepare
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # the first bytes of every .idx megatron-core writes
@@ -246,8 +246,8 @@ class IndexedSource:
             self.corpora = {entry: IndexedCorpus(resolve_prefixes(entry), tokenizer, entry) for _, entry in entries}
             self.weights = {entry: weight for weight, entry in entries}
 
-    def stream(self, cfg: Mapping, seq_len: int, seed: int, part: int, parts: int):
-        streams = {name: IndexedWindowStream(corpus, cfg, seq_len, seed, part, parts)
+    def stream(self, cfg: Mapping, seq_len: int, seed: int, part: int, parts: int, holdout: Holdout = NO_HOLDOUT):
+        streams = {name: IndexedWindowStream(corpus, cfg, seq_len, seed, part, parts, holdout)
                    for name, corpus in self.corpora.items()}
         if self.weights is None:
             return streams[""]
@@ -281,10 +281,10 @@ class _EpochTable:
 
 class IndexedWindowStream:
     """`WindowStream`'s windows and position from an `IndexedCorpus`: part `part` of `parts` (data.streams), with
-    the data config's shuffle, min_doc_tokens and max_doc_tokens."""
+    the data config's shuffle, min_doc_tokens and max_doc_tokens, on `holdout`'s side (eval.data.holdout)."""
 
     def __init__(self, corpus: IndexedCorpus, cfg: Mapping, seq_len: int, seed: int = 0, part: int = 0,
-                 parts: int = 1):
+                 parts: int = 1, holdout: Holdout = NO_HOLDOUT):
         self.corpus = corpus
         self.seq_len = positive_int(seq_len, "seq_len")
         self.seed = positive_int(seed, "data.seed", allow_zero=True)
@@ -292,7 +292,7 @@ class IndexedWindowStream:
         self.min_doc_tokens, self.max_doc_tokens = doc_token_range(cfg)
         if not 0 <= part < parts:
             raise ValueError(f"data: part {part} does not exist in a corpus split into {parts}")
-        self.part, self.parts = part, parts
+        self.part, self.parts, self.holdout = part, parts, holdout
         if part >= corpus.num_documents:
             raise ConfigError(f"data.streams={parts}: the corpus has only {corpus.num_documents} documents, "
                               f"fewer than the sub-streams")
@@ -305,7 +305,8 @@ class IndexedWindowStream:
         if epoch not in self._tables:
             for old in [e for e in self._tables if e < epoch - 1]:
                 del self._tables[old]
-            order = epoch_order(self.seed, epoch, self.part, self.parts, self.corpus.num_documents, self.shuffle)
+            order = epoch_order(self.seed, epoch, self.part, self.parts, self.corpus.num_documents, self.shuffle,
+                                self.holdout)
             self._tables[epoch] = _EpochTable(self.corpus, order, self.min_doc_tokens, self.max_doc_tokens)
         return self._tables[epoch]
 
@@ -363,6 +364,7 @@ class IndexedWindowStream:
             "token_offset": self._pos - int(table.bounds[j]),
             "seed": self.seed,
             "num_documents": self.corpus.num_documents,
+            **holdout_state(self.holdout.fraction),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -371,6 +373,7 @@ class IndexedWindowStream:
         if state.get("num_documents") != self.corpus.num_documents:
             raise ValueError(f"data: the checkpoint's loader read a corpus of {state.get('num_documents')} "
                              f"documents, this one has {self.corpus.num_documents}")
+        check_holdout(state, self.holdout.fraction)
         epoch, index, offset = int(state["epoch"]), int(state["doc_index"]), int(state["token_offset"])
         table = self._table(epoch)
         # the first accepted document from `index` on: a skipped one holds no token of the stream

@@ -5,8 +5,9 @@ document buckets with `min_doc_tokens` / `max_doc_tokens`. Every window comes wh
 source, chosen by a seeded draw; the draw is a function of (seed, part, draw number), so the mixture's
 state is just the draw count, the weights and each source's state. `part` is the sub-stream's number
 (`data.substreams`): each sub-stream draws its own sequence, so the windows of one global batch do not
-all come from one source. Between stages the trainer moves the weights linearly with
-`interpolate_weights` and `set_weights`.
+all come from one source. `MixtureTransition` gives the weights of each step of a stage whose mixture moves
+linearly from the previous stage's (stage.previous_mixture) over its first stage.transition_tokens tokens; the
+trainer hands them to the reader with each step's window count, which calls `set_weights` before reading it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ def interpolate_weights(start: Mapping[str, float], end: Mapping[str, float], fr
     t = min(1.0, max(0.0, float(fraction)))
     names = sorted(set(start) | set(end))
     return {n: (1 - t) * float(start.get(n, 0.0)) + t * float(end.get(n, 0.0)) for n in names}
+
+
+class MixtureTransition:
+    """The mixture weights of a step by the tokens seen before it: linear from `start` to `end` over the first
+    `tokens` tokens of the run (0: `end` from the start), then `end`."""
+
+    def __init__(self, start: Mapping[str, float], end: Mapping[str, float], tokens: int,
+                 setting: str = "stage.previous_mixture"):
+        self.end = normalized_weights(end, list(end))
+        self.start = normalized_weights(start, list(self.end), setting)
+        self.tokens = int(tokens)
+
+    def weights(self, tokens_seen: int) -> dict[str, float]:
+        fraction = tokens_seen / self.tokens if self.tokens else 1.0
+        return interpolate_weights(self.start, self.end, fraction)
 
 
 class MixtureStream:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data.corpus import load_corpus
-from data.documents import ShuffledDocuments, StreamedDocuments
+from data.documents import NO_HOLDOUT, Holdout, ShuffledDocuments, StreamedDocuments
 from data.errors import ConfigError, positive_int
 
 IGNORE_INDEX = -100
@@ -47,6 +47,18 @@ def nothing_accepted_message(min_doc_tokens: int, max_doc_tokens: int | None, pa
     return f"data.path: every document{where} is empty after tokenization"
 
 
+def holdout_state(fraction: float) -> dict:
+    """The holdout a position counts documents without (only when there is one: older positions lack it)."""
+    return {"holdout": fraction} if fraction > 0 else {}
+
+
+def check_holdout(state: Mapping, fraction: float) -> None:
+    saved = state.get("holdout", 0.0)
+    if saved != fraction:
+        raise ValueError(f"eval.data.holdout: the checkpoint's run held out {saved} of the documents, this one "
+                         f"{fraction}; resume with eval.data.holdout={saved}")
+
+
 @dataclass
 class _TokenizedDocument:
     epoch: int
@@ -63,10 +75,11 @@ class WindowStream:
     corpus: the config's corpus already opened (`load_corpus(source)`), so that many parts share it.
     Documents whose token count (EOS excluded) is outside [min_doc_tokens, max_doc_tokens) are
     skipped, which is how the short/medium/long buckets of a long-context mixture are made.
+    holdout: the documents held out for validation (`data.documents.Holdout`) and which side this stream reads.
     """
 
     def __init__(self, source, tokenizer, seq_len: int, seed: int = 0, *, corpus=None, part: int = 0,
-                 parts: int = 1, tokenize_batch: int = 256):
+                 parts: int = 1, tokenize_batch: int = 256, holdout: Holdout = NO_HOLDOUT):
         from datasets import Dataset, IterableDataset
 
         self.seq_len = positive_int(seq_len, "seq_len")
@@ -83,10 +96,11 @@ class WindowStream:
             dataset = corpus if corpus is not None else load_corpus(cfg)
         if isinstance(dataset, IterableDataset):
             self._documents = StreamedDocuments(dataset, text_field, self.seed, cfg.get("shuffle_buffer", 0),
-                                                part, parts)
+                                                part, parts, holdout)
         else:
             self._documents = ShuffledDocuments(dataset, text_field, self.seed, cfg.get("shuffle") is not False,
-                                                part, parts)
+                                                part, parts, holdout)
+        self.holdout = holdout.fraction
         self._reset_buffer(epoch=0)
         self._docs_seen, self._tokens_seen = 0, 0  # for the read-ahead size only
 
@@ -196,6 +210,7 @@ class WindowStream:
             "token_offset": self._offset,
             "seed": self.seed,
             "num_documents": self._documents.num_documents,
+            **holdout_state(self.holdout),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -204,12 +219,16 @@ class WindowStream:
         if state.get("num_documents") != self._documents.num_documents:
             raise ValueError(f"data: the checkpoint's loader read a corpus of {state.get('num_documents')} "
                              f"documents, this one has {self._documents.num_documents}")
+        check_holdout(state, self.holdout)
         epoch, index, offset = int(state["epoch"]), int(state["doc_index"]), int(state["token_offset"])
         self._documents.seek(epoch, index)
         self._reset_buffer(epoch)
         self._fill(offset + 1)
         first = self._buffer[0]
-        if (first.epoch, first.index) != (epoch, index) or offset >= len(first.tokens):
+        # at a document start the saved position may be a skipped document's (nothing was read after it yet):
+        # the stream goes on at the first accepted one from there
+        at = (first.epoch, first.index)
+        if (at != (epoch, index) and (offset or at < (epoch, index))) or offset >= len(first.tokens):
             raise ValueError("data: the checkpoint's loader position does not fit this corpus, tokenizer "
                              "or document-length filter")
         self._offset = offset

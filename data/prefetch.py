@@ -2,7 +2,9 @@
 
 Reading, tokenizing (the tokenizers library releases the GIL) and packing run while the training thread
 computes, at most `depth` steps ahead of the step handed out last (while step k trains, steps k+1..k+depth
-are read), so a step does not wait for its windows once the reader keeps up. The
+are read), so a step does not wait for its windows once the reader keeps up. The plan of step k + depth + 1
+(its window count, and the mixture weights) is taken from `step_windows` only once step k + 1 was handed out:
+what the training thread decides after step k still reaches it (the loss-triggered batch size). The
 read-ahead never reaches a checkpoint: `state_dict` is the position after the steps handed out. An exception
 in the thread is raised again, the same object, by the `next_step` that would have received its step.
 """
@@ -34,8 +36,9 @@ class StepPrefetcher:
     def running(self) -> bool:
         return self._thread is not None
 
-    def start(self, step_windows: Iterable[int]) -> None:
-        """Read the steps ahead whose global window counts `step_windows` yields, from the current position."""
+    def start(self, step_windows: Iterable) -> None:
+        """Read the steps ahead whose global window counts `step_windows` yields, from the current position; an
+        item may also be (count, mixture weights), weights that `RankStreams.read` sets before the step's read."""
         self.stop()
         if self._ahead:
             self.streams.load_state_dict(self._position)
@@ -47,11 +50,15 @@ class StepPrefetcher:
 
     def _read(self, step_windows, out: queue.Queue, stop: threading.Event, slots: threading.Semaphore) -> None:
         try:
-            for count in step_windows:
-                slots.acquire()  # a step read ahead of the training thread
+            while True:
+                slots.acquire()  # a step read ahead of the training thread; its plan is taken only now
                 if stop.is_set():
                     return
-                out.put((self.streams.read(count), self.streams.state_dict()))
+                plan = next(step_windows, None)
+                if plan is None:
+                    break
+                count, weights = (plan, None) if isinstance(plan, int) else plan
+                out.put((self.streams.read(count, weights), self.streams.state_dict()))
             out.put(_Failure(RuntimeError("data: the prefetcher ran out of planned steps")))
         except BaseException as error:  # noqa: BLE001 -- handed to the training thread
             out.put(_Failure(error))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from data.corpus import SOURCES, load_corpus
+from data.documents import NO_HOLDOUT, Holdout
 from data.errors import ConfigError, positive_int
 from data.indexed import IndexedSource
 from data.mixture import MixtureStream, normalized_weights
@@ -23,10 +24,11 @@ class DataSource:
     `data.mixture` maps a source name to the settings it overrides on top of `data` plus its `weight`, e.g.
     `short: {max_doc_tokens: 32768, weight: 0.3}`. Every setting is checked here, so that a bad one fails
     before any work; `data.streams` (default 1: the whole corpus in one stream) is the number of sub-streams.
+    `holdout` (`data.documents.Holdout`): the documents set apart for validation, and which side is read.
     """
 
-    def __init__(self, data_cfg: Mapping, tokenizer, seq_len: int):
-        self.tokenizer, self.seq_len = tokenizer, seq_len
+    def __init__(self, data_cfg: Mapping, tokenizer, seq_len: int, holdout: Holdout = NO_HOLDOUT):
+        self.tokenizer, self.seq_len, self.holdout = tokenizer, seq_len, holdout
         self.seed = data_cfg.get("seed", 0) or 0
         self.num_streams = positive_int(data_cfg.get("streams", 1), "data.streams")
         base = {k: v for k, v in data_cfg.items() if k not in ("mixture", "streams")}
@@ -58,9 +60,9 @@ class DataSource:
     def _window_stream(self, name: str, part: int):
         corpus = self.corpora[name]
         if isinstance(corpus, IndexedSource):
-            return corpus.stream(self.configs[name], self.seq_len, self.seed, part, self.num_streams)
+            return corpus.stream(self.configs[name], self.seq_len, self.seed, part, self.num_streams, self.holdout)
         return WindowStream(self.configs[name], self.tokenizer, self.seq_len, seed=self.seed,
-                            corpus=corpus, part=part, parts=self.num_streams)
+                            corpus=corpus, part=part, parts=self.num_streams, holdout=self.holdout)
 
     def stream(self, part: int):
         if self.weights is None:

@@ -10,6 +10,8 @@ them), and a run resumed under another dp loads the ones its ranks now own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch.distributed as dist
 
 from data.errors import ConfigError, positive_int
@@ -34,10 +36,14 @@ class RankStreams:
         self.streams = {s: source.stream(s) for s in range(dp_rank, self.num_streams, dp)}
         self.windows = 0  # global windows (all ranks') before the next step
 
-    def read(self, count: int) -> list[dict]:
-        """This rank's windows among the next `count` global windows (a multiple of dp), in global order."""
+    def read(self, count: int, weights: Mapping[str, float] | None = None) -> list[dict]:
+        """This rank's windows among the next `count` global windows (a multiple of dp), in global order;
+        `weights`: the mixture's weights for them (`MixtureStream.set_weights` of every sub-stream)."""
         if count % self.dp:
             raise ValueError(f"data: a step of {count} windows does not split over {self.dp} data-parallel ranks")
+        if weights is not None:
+            for stream in self.streams.values():
+                stream.set_weights(weights)
         first = self.windows + self.dp_rank
         mine = [self.streams[g % self.num_streams].next_window() for g in range(first, self.windows + count, self.dp)]
         self.windows += count

@@ -129,6 +129,8 @@ def validate_trainer_config(cfg: DictConfig) -> None:
     _need(init_from is None or (isinstance(init_from, str) and init_from not in ("", "hf:")),
           f"trainer.init_from={init_from!r} must be null, a checkpoint path or hf:<directory>")
     _number(cfg, "stage.rope_base", low=1.0, nullable=True)
+    _check_stage_mixture(cfg)
+    _check_eval_settings(cfg)
 
     _choice(cfg, "optim.name", ("adamw",))
     _choice(cfg, "optim.impl", ("auto", "fused", "foreach"))
@@ -144,3 +146,40 @@ def validate_trainer_config(cfg: DictConfig) -> None:
     _number(cfg, "logging.peak_tflops", low=0.0, nullable=True)
     _number(cfg, "logging.cpu_peak_tflops", low=0.0)
     _need(cfg.parallel.get("name") is not None, "parallel.name must be set (e.g. parallel=single)")
+
+
+def _check_stage_mixture(cfg: DictConfig) -> None:
+    tokens = cfg.stage.get("transition_tokens") or 0
+    _need(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0,
+          f"stage.transition_tokens={tokens!r} must be a non-negative integer")
+    previous = cfg.stage.get("previous_mixture")
+    _need(previous is None or (isinstance(previous, DictConfig) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in previous.values())),
+        f"stage.previous_mixture={previous!r} must map the mixture's sources to weights, e.g. {{short: 0.3, medium: 0.7}}")
+
+
+EVAL_SOURCES = ("default", "files", "hub", "indexed")
+
+
+def _check_eval_settings(cfg: DictConfig) -> None:
+    every = _positive_int(cfg, "eval.every", allow_zero=True)
+    _positive_int(cfg, "eval.windows")
+    holdout = _number(cfg, "eval.data.holdout", low=0.0)
+    _need(holdout < 1, f"eval.data.holdout={holdout} must be a fraction in [0, 1)")
+    source = cfg.eval.data.source
+    _need(source is None or source in EVAL_SOURCES,
+          f"eval.data.source={source!r} must be null (data.*'s held-out documents) or one of {'|'.join(EVAL_SOURCES)}")
+    _need(not every or holdout > 0 or source is not None,
+          f"eval.every={every} needs validation data: eval.data.holdout=<fraction of data.*'s documents held out of "
+          f"training> or eval.data.source/path")
+
+
+def check_eval(cfg: DictConfig, dp: int, pipeline: bool) -> None:
+    """Validation fits the layout: each DP rank evaluates eval.windows / dp windows in whole micro-batches."""
+    if not cfg.eval.every:
+        return
+    _need(not pipeline, "eval.every: validation under pipeline parallelism (parallel.pp > 1) is not supported; "
+                        "set eval.every=0")
+    windows, mbs = int(cfg.eval.windows), int(cfg.trainer.micro_batch_size)
+    _need(windows % (mbs * dp) == 0, f"eval.windows={windows} is not divisible by trainer.micro_batch_size={mbs} x "
+                                     f"data-parallel size={dp} (= {mbs * dp})")

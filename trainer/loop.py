@@ -23,7 +23,7 @@ from .logger import say
 from .metrics import peak_memory_gib, throughput
 from .optim import set_lr
 from .preemption import StopRequests
-from .schedules import BatchSchedule, LRSchedule
+from .schedules import LOSS_SWITCH_DELAY, BatchSchedule, LRSchedule
 
 
 def expert_load_shares(tokens_per_expert: torch.Tensor) -> dict:
@@ -70,15 +70,24 @@ class Trainer:
     """The loop over optimizer steps; `layout` (trainer.layout) owns the model, optimizer and communication.
 
     `stream` is the run's `data.DataSource`: this DP rank reads its sub-streams of it (`data.substreams`) in a
-    background thread, two steps ahead (`data.prefetch`); `run` stops the thread when it ends.
+    background thread, two steps ahead (`data.prefetch`); `run` stops the thread when it ends. `mixture`
+    (`data.MixtureTransition`, when the data is a mixture) gives each step's weights; `eval_source` (a
+    `data.DataSource`, when eval.every > 0) the validation windows.
     """
 
     def __init__(self, *, cfg, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None, layout,
                  stream, collate, lr_schedule: LRSchedule, batch_schedule: BatchSchedule, logger,
-                 flops_per_token: float, peak_tflops: float, ckpt_root: Path, config_yaml: str):
+                 flops_per_token: float, peak_tflops: float, ckpt_root: Path, config_yaml: str, mixture=None,
+                 eval_source=None):
         self.cfg, self.env, self.device, self.autocast_dtype = cfg, env, device, autocast_dtype
         self.layout, self.model, self.optimizer = layout, layout.model, layout.optimizer
-        self.data = StepPrefetcher(RankStreams(stream, layout.dp, layout.dp_rank, layout.dp_group))
+        # a loss-triggered batch size reaches the first step the reader has not planned yet (schedules.py)
+        self.data = StepPrefetcher(RankStreams(stream, layout.dp, layout.dp_rank, layout.dp_group),
+                                   depth=LOSS_SWITCH_DELAY)
+        self.mixture = mixture
+        # built once (a held-out slice's document order is computed over the whole corpus), rewound at each use
+        self.eval_stream = None if eval_source is None else eval_source.stream(0)
+        self.eval_start = None if eval_source is None else self.eval_stream.state_dict()
         self.collate = collate
         self.lr_schedule, self.batch_schedule, self.logger = lr_schedule, batch_schedule, logger
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
@@ -95,6 +104,7 @@ class Trainer:
         return {
             "scheduler": {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
                           "lr": self.optimizer.param_groups[0]["lr"]},
+            "batch": self.batch_schedule.state_dict(),  # the smoothed loss and the loss-triggered switches
             "data": self.data.state_dict(),  # every sub-stream's position, gathered over the DP group
             "rng": rng_state(),
             "trainer": {"step": self.state.step, "tokens_seen": self.state.tokens_seen},
@@ -104,6 +114,8 @@ class Trainer:
         """Resume from checkpoint folder `path`, written under this or any other layout."""
         state = self.layout.load_checkpoint(path)
         self.data.load_state_dict(state["data"])
+        if "batch" in state:  # checkpoints from before loss-triggered batch sizes lack it
+            self.batch_schedule.load_state_dict(state["batch"])
         set_rng_state(state["rng"])
         self.state = TrainState(**state["trainer"])
         self.saved_step = self.state.step
@@ -117,11 +129,15 @@ class Trainer:
         self.saved_step = self.state.step
 
     # ---- one optimizer step -----------------------------------------------------------------------------
-    def _global_windows_per_step(self, tokens_seen: int):
-        """The global batch's window count of every step from the one after `tokens_seen` tokens on."""
+    def _planned_steps(self, step: int, tokens_seen: int):
+        """The reader's plan of every step after `step` (which ended with `tokens_seen` tokens): the global
+        window count, with the mixture's weights when there is a mixture. The reader thread takes each plan as
+        late as its read-ahead allows (data.prefetch), so a loss-triggered switch decided by then is in it."""
         while True:
-            batch = self.batch_schedule.global_batch_tokens(tokens_seen)
-            yield batch // self.seq_len
+            step += 1
+            batch = self.batch_schedule.global_batch_tokens(tokens_seen, step)
+            windows = batch // self.seq_len
+            yield windows if self.mixture is None else (windows, self.mixture.weights(tokens_seen))
             tokens_seen += batch
 
     def _sum_over_replicas(self, values: list[int]) -> list[int]:
@@ -154,7 +170,7 @@ class Trainer:
         of a replica read the same windows), so the global batch and the saved data position do not depend on
         the layout, and a rank reads only its own windows."""
         if not self.data.running:
-            self.data.start(self._global_windows_per_step(self.state.tokens_seen))
+            self.data.start(self._planned_steps(self.state.step, self.state.tokens_seen))
         per_rank = micro_per_rank * self.micro_batch_size
         try:
             mine, error = self.data.next_step(), None
@@ -181,15 +197,19 @@ class Trainer:
         return {"input_ids": input_ids, "labels": mb["labels"].to(self.device, non_blocking=True),
                 "cu_seqlens": cu_seqlens, "cu_seqlens_host": mb["cu_seqlens"], "positions": positions}
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        step = self.state.step + 1
+        step, tokens_before = self.state.step + 1, self.state.tokens_seen
         dp, world = self.layout.dp, self.env.world_size
-        global_batch = self.batch_schedule.global_batch_tokens(self.state.tokens_seen)
+        global_batch = self.batch_schedule.global_batch_tokens(tokens_before, step)
         micro_per_rank = self.batch_schedule.micro_batches_per_rank(
-            self.state.tokens_seen, self.micro_batch_size, self.seq_len, dp)
+            tokens_before, self.micro_batch_size, self.seq_len, dp, step)
         micro_batches, label_tokens = self._next_micro_batches(micro_per_rank)
-        lr = self.lr_schedule(step, self.state.tokens_seen)
+        lr = self.lr_schedule(step, tokens_before)
         set_lr(self.optimizer, lr)
 
         # Normalise by the label tokens of the whole global batch, so that accumulation and data parallelism
@@ -200,10 +220,8 @@ class Trainer:
         aux_weight = 1.0 / (micro_per_rank * dp)
 
         self.model.train()
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                  enabled=self.autocast_dtype is not None)
         inputs = [self._device_inputs(self.layout.local_inputs(mb)) for mb in micro_batches]
-        loss_sum, moe = self.layout.forward_backward(inputs, denom, aux_weight, autocast)
+        loss_sum, moe = self.layout.forward_backward(inputs, denom, aux_weight, self._autocast())
         # Finish the gradient sync first (overlapped all-reduces may be in flight on the same communicators),
         # then reduce the step's statistics and judge them; no rank steps on a non-finite value.
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -226,7 +244,19 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
 
-        self.state = TrainState(step, self.state.tokens_seen + global_batch)
+        self.state = TrainState(step, tokens_before + global_batch)
+        # before the next step's windows are taken from the reader, so that the switch reaches its planned step
+        switch = self.batch_schedule.observe_loss(step, tokens_before, loss_value)
+        batch_keys = {"batch/loss_ema": self.batch_schedule.loss_ema} if self.batch_schedule.has_loss_entries else {}
+        if switch is not None:
+            entry, first_step = switch
+            batch_keys["batch/switch_step"] = first_step
+            if self.env.is_main:
+                say(f"batch: smoothed loss {self.batch_schedule.loss_ema:.4f} < schedule.batch[{entry}].loss_below="
+                    f"{self.batch_schedule.entries[entry][0].value} after step {step}: global batch {global_batch} -> "
+                    f"{self.batch_schedule.entries[entry][1]} tokens from step {first_step}")
+        weights = {} if self.mixture is None else {
+            f"data/weight/{name}": w for name, w in self.mixture.weights(tokens_before).items()}
         return {
             "step": step,
             "tokens": self.state.tokens_seen,
@@ -242,18 +272,53 @@ class Trainer:
             "step_time_s": seconds,
             **throughput(global_batch, seconds, self.flops_per_token, world, self.peak_tflops),
             "memory_gib": peak_memory_gib(self.device),
+            **batch_keys,
+            **weights,
         }
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """val/loss (nats per label token) and val/ppl over the first eval.windows windows of the validation
+        stream, read from its start each time (the same windows at every evaluation). Window j is evaluated by DP
+        rank j % dp, in micro-batches of trainer.micro_batch_size; the sums go over DP x CP like the training
+        loss, so the value does not depend on the layout. The training stream and RNG are not touched."""
+        dp, topo = self.layout.dp, self.layout.topo
+        self.eval_stream.load_state_dict(self.eval_start)
+        windows = [self.eval_stream.next_window() for _ in range(int(self.cfg.eval.windows))]  # every rank: all
+        mine = windows[self.layout.dp_rank::dp]
+        loss_sum, label_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, len(mine), self.micro_batch_size):
+                mb = self.collate(mine[i:i + self.micro_batch_size])
+                x = self._device_inputs(self.layout.local_inputs(mb))
+                with self._autocast():
+                    out = self.model(x["input_ids"], x["cu_seqlens"], x["labels"], positions=x["positions"])
+                loss_sum += out.loss_sum.double()
+                label_tokens += mb["num_tokens"]
+        totals = torch.stack([loss_sum, torch.tensor(float(label_tokens), dtype=torch.float64, device=self.device)])
+        if self.env.world_size > 1:
+            dist.all_reduce(totals, group=topo.dp_cp_group)
+        loss_sum, label_tokens = totals.tolist()
+        loss = loss_sum / max(label_tokens / topo.cp, 1.0)  # every CP rank of a replica counted the same labels
+        return {"val/loss": loss, "val/ppl": math.exp(loss)}
 
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self) -> None:
         total = int(self.cfg.trainer.steps)
         every = int(self.cfg.trainer.checkpoint.every)
+        eval_every = int(self.cfg.eval.every)
         if self.state.step >= total and self.env.is_main:
             say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
         stop_requests = StopRequests().install()
         try:
             while self.state.step < total:
                 metrics = self.train_step()
+                if eval_every and self.state.step % eval_every == 0:
+                    metrics.update(self.evaluate())
+                    if self.env.is_main:
+                        say(f"step {self.state.step:>6} | val/loss {metrics['val/loss']:.4f} "
+                            f"| val/ppl {metrics['val/ppl']:.2f}")
                 self.logger.log_step(metrics)
                 self.layout.finish_checkpoint(wait=False)  # a background save whose writes are done
                 if every and self.state.step % every == 0:

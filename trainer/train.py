@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
-from .config import ConfigError, compose_config, validate_trainer_config
+from .config import ConfigError, check_eval, compose_config, validate_trainer_config
 from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
 from .layout import Layout, LayoutSpec, check_batches, check_layout
 from .logger import say
@@ -44,6 +44,8 @@ class Plan:
     resume_from: Path | None
     init_from: tuple[str, Path] | None  # ("checkpoint" | "hf", path) for a fresh run
     resume_fallbacks: list[Path]  # resume=auto|require: older checkpoints, newest first, if resume_from is damaged
+    mixture: object = None  # data.MixtureTransition: each step's mixture weights (when the data is a mixture)
+    eval_source: object = None  # data.DataSource of the validation windows (when eval.every > 0)
 
 
 def build_model_config(cfg):
@@ -61,7 +63,7 @@ def build_model_config(cfg):
 
 def _data_error(exc: Exception) -> ConfigError:
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    return ConfigError(msg if msg.startswith("data") else f"data: {msg}")
+    return ConfigError(msg if msg.startswith(("data", "eval.data")) else f"data: {msg}")
 
 
 def plan_run(cfg, env: DistEnv) -> Plan:
@@ -74,6 +76,7 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     lr_schedule = LRSchedule.from_config(cfg.optim.lr, cfg.trainer.steps, cfg.schedule.lr)
     batch_schedule = BatchSchedule.from_config(cfg.schedule.batch)
     check_batches(batch_schedule, layout, mbs, seq_len)
+    check_eval(cfg, layout.dp, layout.pipeline is not None)
 
     device = pick_device(cfg.trainer.device, env)
     dtype = cfg.trainer.dtype
@@ -81,7 +84,7 @@ def plan_run(cfg, env: DistEnv) -> Plan:
         dtype = "bf16" if device.type == "cuda" else "fp32"
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
-    from data import DataSource, build_tokenizer, check_streams, collate_windows
+    from data import DataSource, Holdout, MixtureTransition, build_tokenizer, check_streams, collate_windows
 
     try:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -95,9 +98,20 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     try:
         # the corpus is split into data.streams sub-streams; each DP rank reads its share (data.substreams)
         check_streams(cfg.data.streams, layout.dp)
-        stream = DataSource(cfg.data, tokenizer, seq_len)
+        stream = DataSource(cfg.data, tokenizer, seq_len, Holdout(float(cfg.eval.data.holdout)))  # held-out: not read
+        eval_source = _eval_source(cfg, tokenizer, seq_len) if cfg.eval.every else None
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise _data_error(exc) from None
+    previous, transition_tokens = cfg.stage.get("previous_mixture"), cfg.stage.get("transition_tokens") or 0
+    if stream.weights is None and (previous is not None or transition_tokens):
+        raise ConfigError("stage.previous_mixture / stage.transition_tokens: the data is not a mixture (set "
+                          "stage.mixture or data.mixture)")
+    if transition_tokens and previous is None:
+        raise ConfigError(f"stage.transition_tokens={transition_tokens} needs stage.previous_mixture (the weights "
+                          f"the transition starts from)")
+    # the weights move from the previous stage's to this one's over the first transition_tokens tokens
+    mixture = None if stream.weights is None else MixtureTransition(previous or stream.weights, stream.weights,
+                                                                    transition_tokens)
 
     run_dir = Path(cfg.trainer.run_dir)
     candidates = ckpt.resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
@@ -107,7 +121,19 @@ def plan_run(cfg, env: DistEnv) -> Plan:
     resume_from = candidates[0] if candidates else None
     return Plan(model_cfg, layout, tokenizer, stream, collate_windows, lr_schedule, batch_schedule, device,
                 autocast_dtype, run_dir, resume_from, None if resume_from else _init_source(cfg.trainer.init_from),
-                candidates[1:])
+                candidates[1:], mixture=mixture, eval_source=eval_source)
+
+
+def _eval_source(cfg, tokenizer, seq_len: int):
+    """The validation windows' source, one stream: data.*'s held-out documents (eval.data.holdout), the mixture
+    included, or a corpus of its own (eval.data.source, path, name, split; the other data.* settings apply)."""
+    from data import DataSource, Holdout
+
+    data_cfg, own = OmegaConf.to_container(cfg.data, resolve=True), cfg.eval.data
+    if own.source is None:
+        return DataSource({**data_cfg, "streams": 1}, tokenizer, seq_len, Holdout(float(own.holdout), held_out=True))
+    return DataSource({**data_cfg, "mixture": None, "streams": 1, "source": own.source, "path": own.path,
+                       "name": own.name, "split": own.split or data_cfg.get("split")}, tokenizer, seq_len)
 
 
 def _init_source(init_from) -> tuple[str, Path] | None:
@@ -194,7 +220,7 @@ def run(cfg, env: DistEnv) -> None:
         stream=plan.stream, collate=plan.collate, lr_schedule=plan.lr_schedule,
         batch_schedule=plan.batch_schedule, logger=None, flops_per_token=flops_per_token,
         peak_tflops=peak_tflops(plan.device, cfg.logging), ckpt_root=plan.run_dir / "checkpoints",
-        config_yaml=config_yaml)
+        config_yaml=config_yaml, mixture=plan.mixture, eval_source=plan.eval_source)
     source = ("trainer.resume", plan.resume_from) if plan.resume_from else \
         ("trainer.init_from", plan.init_from[1]) if plan.init_from else None
     try:
