@@ -129,6 +129,7 @@ def validate_trainer_config(cfg: DictConfig) -> None:
     _need(init_from is None or (isinstance(init_from, str) and init_from not in ("", "hf:")),
           f"trainer.init_from={init_from!r} must be null, a checkpoint path or hf:<directory>")
     _number(cfg, "stage.rope_base", low=1.0, nullable=True)
+    _number(cfg, "trainer.step_timeout_s", low=0.0)
     _check_stage_mixture(cfg)
     _check_eval_settings(cfg)
 

@@ -48,8 +48,9 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
 _owns_process_group = False  # set when init_process_group created the group (a caller may have made its own)
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """gloo on CPU, nccl on CUDA; a no-op for a single process or when the caller already made the group."""
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800) -> None:
+    """gloo on CPU, nccl on CUDA; a no-op for a single process or when the caller already made the group.
+    timeout_s: a collective that waits longer fails (NCCL's async error handling aborts the communicator)."""
     global _owns_process_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -57,7 +58,7 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
         # CUDA runs also get gloo for the few small CPU tensors the loop reduces (token counts, metrics)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800), **kwargs)
         _owns_process_group = True
 
 

@@ -24,6 +24,7 @@ from .metrics import peak_memory_gib, throughput
 from .optim import set_lr
 from .preemption import StopRequests
 from .schedules import LOSS_SWITCH_DELAY, BatchSchedule, LRSchedule
+from .watchdog import StepWatchdog
 
 
 def expert_load_shares(tokens_per_expert: torch.Tensor) -> dict:
@@ -311,6 +312,7 @@ class Trainer:
         if self.state.step >= total and self.env.is_main:
             say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
         stop_requests = StopRequests().install()
+        watchdog = StepWatchdog(float(self.cfg.trainer.step_timeout_s), self.env.rank, self.env.world_size).start()
         try:
             while self.state.step < total:
                 metrics = self.train_step()
@@ -323,6 +325,7 @@ class Trainer:
                 self.layout.finish_checkpoint(wait=False)  # a background save whose writes are done
                 if every and self.state.step % every == 0:
                     self.save()
+                watchdog.beat(self.state.step)
                 stop = stop_requests.agreed(self.device, self.env.distributed)
                 if stop:
                     if self.saved_step != self.state.step:
@@ -335,5 +338,6 @@ class Trainer:
                 self.save()
             self.layout.finish_checkpoint(wait=True)
         finally:
+            watchdog.stop()
             stop_requests.uninstall()
             self.data.stop()

@@ -190,7 +190,7 @@ def run(cfg, env: DistEnv) -> None:
     from .metrics import peak_tflops
 
     plan = plan_run(cfg, env)
-    init_process_group(env, plan.device)
+    init_process_group(env, plan.device, float(cfg.trainer.step_timeout_s))
     if env.distributed:  # rank 0's view of the checkpoints decides, so no rank resumes from another step
         import torch.distributed as dist
 
