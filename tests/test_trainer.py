@@ -175,6 +175,18 @@ def test_resume_auto_ignores_incomplete_checkpoints(straight_run, tmp_path):
     assert len(metrics(run_dir)) == 8
 
 
+def test_a_failed_resume_leaves_the_run_as_it_was(straight_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    config = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert train(run_dir, "trainer.steps=12", "trainer.resume=auto", "model.num_experts=8") == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: trainer.resume: cannot load "), err
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert len(metrics(run_dir)) == 8
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(straight_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(straight_run, run_dir)

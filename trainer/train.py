@@ -200,12 +200,6 @@ def run(cfg, env: DistEnv) -> None:
     if cfg.trainer.checkpoint.verify:
         _verify_before_load(env, plan)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if env.is_main:  # the only process that writes files
-        if cfg.trainer.resume == "auto" and plan.resume_from is None:
-            say(f"trainer.resume=auto: no complete checkpoint in {plan.run_dir / 'checkpoints'}; starting fresh")
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
-        (plan.run_dir / "config.yaml").write_text(config_yaml)
-        ckpt.remove_temp_folders(plan.run_dir / "checkpoints")  # a crash's leftovers; no save is in flight yet
 
     torch.manual_seed(int(cfg.trainer.seed))  # dropout-free model: seeds the host-side RNG state only
     with torch.device("meta"):  # counts only
@@ -238,6 +232,13 @@ def run(cfg, env: DistEnv) -> None:
         exc = failure[0] if isinstance(failure, tuple) else failure or exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{source[0]}: cannot load {source[1]} into this config: {first}") from None
+
+    if env.is_main:  # the only process that writes files, and only once every input (the resume too) is good
+        if cfg.trainer.resume == "auto" and plan.resume_from is None:
+            say(f"trainer.resume=auto: no complete checkpoint in {plan.run_dir / 'checkpoints'}; starting fresh")
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        (plan.run_dir / "config.yaml").write_text(config_yaml)
+        ckpt.remove_temp_folders(plan.run_dir / "checkpoints")  # a crash's leftovers; no save is in flight yet
 
     if env.is_main:
         say(f"run dir {plan.run_dir} | device {plan.device} x{env.world_size} | layout {plan.layout.description} | "
