@@ -291,5 +291,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     for a, b in zip(single, dp):
         assert b["global_batch_tokens"] == a["global_batch_tokens"] and b["micro_batches"] == a["micro_batches"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+        # every rank's step time: the slowest shows
+        assert b["step_time_median_s"] <= b["step_time_max_s"] and b["step_time_slowest_rank"] in (0, 1)
     assert checkpoint_steps(dp_dir) == ["step_000006"]

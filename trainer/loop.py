@@ -271,11 +271,22 @@ class Trainer:
             "micro_batches": micro_per_rank * dp,
             "label_tokens": label_tokens,
             "step_time_s": seconds,
+            **self._straggler_times(seconds),
             **throughput(global_batch, seconds, self.flops_per_token, world, self.peak_tflops),
             "memory_gib": peak_memory_gib(self.device),
             **batch_keys,
             **weights,
         }
+
+    def _straggler_times(self, seconds: float) -> dict:
+        """The step's time on every rank (median, max and which rank), so that a straggler shows."""
+        if not self.env.distributed:
+            return {}
+        times = torch.zeros(self.env.world_size, dtype=torch.float64, device=self.device)
+        times[self.env.rank] = seconds
+        dist.all_reduce(times)
+        return {"step_time_median_s": float(times.median()), "step_time_max_s": float(times.max()),
+                "step_time_slowest_rank": int(times.argmax())}
 
     # ---- validation -------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
