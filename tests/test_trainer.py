@@ -204,6 +204,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(straight_run, tmp_path,
     assert extra(good)["trainer"]["step"] == 8
 
 
+def test_skip_drops_the_update_of_a_non_finite_step(tmp_path, monkeypatch):
+    from trainer.loop import Trainer
+
+    judge = Trainer._non_finite
+    monkeypatch.setattr(Trainer, "_non_finite", staticmethod(  # step 3's loss reads as NaN
+        lambda step, loss, aux, norm: judge(step, float("nan") if step == 3 else loss, aux, norm)))
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.steps=4", "trainer.on_nonfinite=skip", "trainer.checkpoint.every=1",
+                 "trainer.checkpoint.keep_last=0") == 0
+    assert [m["skipped_steps"] for m in metrics(run_dir)] == [0, 0, 1, 1]
+    steps = {n: digest(run_dir / "checkpoints" / f"step_{n:06d}") for n in (2, 3, 4)}
+    assert steps[3] == steps[2] != steps[4]  # weights and optimizer state untouched by the skipped step
+    assert extra(run_dir / "checkpoints" / "step_000003")["trainer"]["skipped"] == 1
+
+
 # ---- bad input: one line naming the setting, exit code 2, nothing written ---------------------------------
 
 def _bad_inputs(tmp_path: Path):

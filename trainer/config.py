@@ -121,6 +121,7 @@ def validate_trainer_config(cfg: DictConfig) -> None:
         _need(isinstance(value, bool), f"{key}={value!r} must be true or false")
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
     _choice(cfg, "trainer.dtype", ("auto", "fp32", "bf16"))
+    _choice(cfg, "trainer.on_nonfinite", ("stop", "skip"))
     resume = cfg.trainer.resume
     _need(isinstance(resume, str) and resume != "",
           f"trainer.resume={resume!r} must be none, auto, require or a checkpoint path")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -50,6 +51,7 @@ class Preempted(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # global tokens consumed by those steps
+    skipped: int = 0  # steps whose update trainer.on_nonfinite=skip dropped
 
 
 def rng_state() -> dict:
@@ -108,7 +110,7 @@ class Trainer:
             "batch": self.batch_schedule.state_dict(),  # the smoothed loss and the loss-triggered switches
             "data": self.data.state_dict(),  # every sub-stream's position, gathered over the DP group
             "rng": rng_state(),
-            "trainer": {"step": self.state.step, "tokens_seen": self.state.tokens_seen},
+            "trainer": dataclasses.asdict(self.state),
         }
 
     def load(self, path: Path) -> None:
@@ -233,19 +235,21 @@ class Trainer:
         # every rank holds its router group's aux value of its stage's layers: the mean over the ranks of one
         # pipeline stage, summed over the stages, is the step's aux loss
         aux_value = aux_sum / (micro_per_rank * world / self.layout.topo.pp)
-        if not math.isfinite(loss_value) or not math.isfinite(aux_value):
-            raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss_value}, aux_loss={aux_value}); "
-                                f"stopped before the optimizer step, no checkpoint written")
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(f"non-finite gradient norm at step {step} (loss={loss_value}); "
-                                f"stopped before the optimizer step, no checkpoint written")
-        self.optimizer.step()
+        problem = self._non_finite(step, loss_value, aux_value, grad_norm)  # the same on every rank: reduced
+        if problem and self.cfg.trainer.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"{problem}; stopped before the optimizer step, no checkpoint written")
+        skipped = self.state.skipped + bool(problem)
+        if problem:  # on_nonfinite=skip: this step's windows are consumed, its update dropped
+            if self.env.is_main:
+                say(f"{problem}: update skipped (trainer.on_nonfinite=skip; {skipped} so far)")
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
 
-        self.state = TrainState(step, tokens_before + global_batch)
+        self.state = TrainState(step, tokens_before + global_batch, skipped)
         # before the next step's windows are taken from the reader, so that the switch reaches its planned step
         switch = self.batch_schedule.observe_loss(step, tokens_before, loss_value)
         batch_keys = {"batch/loss_ema": self.batch_schedule.loss_ema} if self.batch_schedule.has_loss_entries else {}
@@ -271,12 +275,21 @@ class Trainer:
             "micro_batches": micro_per_rank * dp,
             "label_tokens": label_tokens,
             "step_time_s": seconds,
+            "skipped_steps": skipped,
             **self._straggler_times(seconds),
             **throughput(global_batch, seconds, self.flops_per_token, world, self.peak_tflops),
             "memory_gib": peak_memory_gib(self.device),
             **batch_keys,
             **weights,
         }
+
+    @staticmethod
+    def _non_finite(step: int, loss: float, aux: float, grad_norm: float) -> str | None:
+        if not math.isfinite(loss) or not math.isfinite(aux):
+            return f"non-finite loss at step {step} (loss={loss}, aux_loss={aux})"
+        if not math.isfinite(grad_norm):
+            return f"non-finite gradient norm at step {step} (loss={loss})"
+        return None
 
     def _straggler_times(self, seconds: float) -> dict:
         """The step's time on every rank (median, max and which rank), so that a straggler shows."""
