@@ -219,6 +219,14 @@ def test_skip_drops_the_update_of_a_non_finite_step(tmp_path, monkeypatch):
     assert extra(run_dir / "checkpoints" / "step_000003")["trainer"]["skipped"] == 1
 
 
+def test_profile_steps_write_a_trace(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.steps=2", "trainer.profile.steps=[2,2]", "trainer.checkpoint.at_end=false") == 0
+    trace = json.loads((run_dir / "profile" / "trace_rank0.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::") for name in names)
+
+
 # ---- bad input: one line naming the setting, exit code 2, nothing written ---------------------------------
 
 def _bad_inputs(tmp_path: Path):

@@ -122,6 +122,10 @@ def validate_trainer_config(cfg: DictConfig) -> None:
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
     _choice(cfg, "trainer.dtype", ("auto", "fp32", "bf16"))
     _choice(cfg, "trainer.on_nonfinite", ("stop", "skip"))
+    steps = cfg.trainer.profile.steps
+    _need(steps is None or (len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+                            and 1 <= steps[0] <= steps[1]),
+          f"trainer.profile.steps={steps} must be null or [first, last] with 1 <= first <= last")
     resume = cfg.trainer.resume
     _need(isinstance(resume, str) and resume != "",
           f"trainer.resume={resume!r} must be none, auto, require or a checkpoint path")

@@ -24,6 +24,7 @@ from .logger import say
 from .metrics import peak_memory_gib, throughput
 from .optim import set_lr
 from .preemption import StopRequests
+from .profiling import StepProfiler
 from .schedules import LOSS_SWITCH_DELAY, BatchSchedule, LRSchedule
 from .watchdog import StepWatchdog
 
@@ -337,9 +338,12 @@ class Trainer:
             say(f"nothing to do: the run is at step {self.state.step} and trainer.steps={total}")
         stop_requests = StopRequests().install()
         watchdog = StepWatchdog(float(self.cfg.trainer.step_timeout_s), self.env.rank, self.env.world_size).start()
+        profiler = StepProfiler(self.cfg.trainer.profile.steps, self.ckpt_root.parent, self.env.rank, self.device)
         try:
             while self.state.step < total:
+                profiler.before_step(self.state.step + 1)
                 metrics = self.train_step()
+                profiler.after_step(self.state.step)
                 if eval_every and self.state.step % eval_every == 0:
                     metrics.update(self.evaluate())
                     if self.env.is_main:
@@ -362,6 +366,7 @@ class Trainer:
                 self.save()
             self.layout.finish_checkpoint(wait=True)
         finally:
+            profiler.stop()
             watchdog.stop()
             stop_requests.uninstall()
             self.data.stop()
