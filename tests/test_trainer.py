@@ -252,13 +252,17 @@ def _bad_inputs(tmp_path: Path):
         "layout needs more ranks": (["parallel=tp2"], "not divisible by tp*cp*pp=2"),
         "bad router mode": (["parallel=dp", "parallel.router_mode=best"], "parallel.router_mode"),
         "bad at_end": (["trainer.checkpoint.at_end=maybe"], "trainer.checkpoint.at_end"),
+        "no document passes the length filter": (["data.min_doc_tokens=100000000"], "data.min_doc_tokens"),
+        "bad profile steps": (["trainer.profile.steps=[3,2]"], "trainer.profile.steps"),
+        "bad on_nonfinite": (["trainer.on_nonfinite=rollback"], "trainer.on_nonfinite"),
     }
 
 
 BAD_CASES = ["unknown key", "unknown group option", "bad value", "missing data path", "empty data path",
              "unreadable tokenizer", "batch not divisible", "vocab too small", "invalid model config",
              "unknown model key", "schedule too long", "resume not a checkpoint", "layout needs more ranks",
-             "bad router mode", "bad at_end"]
+             "bad router mode", "bad at_end", "no document passes the length filter", "bad profile steps",
+             "bad on_nonfinite"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

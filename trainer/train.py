@@ -100,7 +100,8 @@ def plan_run(cfg, env: DistEnv) -> Plan:
         check_streams(cfg.data.streams, layout.dp)
         stream = DataSource(cfg.data, tokenizer, seq_len, Holdout(float(cfg.eval.data.holdout)))  # held-out: not read
         eval_source = _eval_source(cfg, tokenizer, seq_len) if cfg.eval.every else None
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        stream.stream(0).next_window()  # data that yields nothing fails here, before anything is written
+    except (ValueError, OSError, RuntimeError, KeyError, StopIteration) as exc:
         raise _data_error(exc) from None
     previous, transition_tokens = cfg.stage.get("previous_mixture"), cfg.stage.get("transition_tokens") or 0
     if stream.weights is None and (previous is not None or transition_tokens):
