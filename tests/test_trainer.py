@@ -227,6 +227,32 @@ def test_profile_steps_write_a_trace(tmp_path):
     assert any(name.startswith("aten::") for name in names)
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import parallel.checkpoint
+
+    save_state, calls = parallel.checkpoint.save_state, []
+
+    def fill_the_disk(directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 2:  # the second checkpoint finds the disk full half-way
+            (Path(directory) / "__0_0.distcp").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(directory, *args, **kwargs)
+
+    monkeypatch.setattr(parallel.checkpoint, "save_state", fill_the_disk)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert train(run_dir, "trainer.steps=4", "trainer.checkpoint.every=2") == EXIT_BAD_INPUT
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint: cannot write {run_dir / 'checkpoints'}: No space "
+                                               "left on device; this run's checkpoints need about "), err
+    assert "Traceback" not in stderr
+    assert checkpoint_steps(run_dir) == ["step_000002"] and not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
 # ---- bad input: one line naming the setting, exit code 2, nothing written ---------------------------------
 
 def _bad_inputs(tmp_path: Path):

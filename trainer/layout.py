@@ -18,10 +18,13 @@ global-norm clipping), `reduce_step_stats` (metric sums over the right groups) a
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from kernels.cu_seqlens import remember_cu_seqlens
 
@@ -221,8 +224,11 @@ class Layout:
             future = save_state_async(tmp, self.model, self.optimizer, extra, self.topo, self._async_group)
             self._pending = (future, root, step, tmp, config_yaml, meta, keep_last)
             return None
-        save_state(tmp, self.model, self.optimizer, extra, self.topo)  # ends with a barrier
-        path = self._complete(root, step, tmp, config_yaml, meta, keep_last)
+        try:
+            save_state(tmp, self.model, self.optimizer, extra, self.topo)  # ends with a barrier
+            path = self._complete(root, step, tmp, config_yaml, meta, keep_last)
+        except (OSError, CheckpointException) as exc:
+            raise self._write_failed(exc, tmp) from None
         barrier(self.env)
         return path
 
@@ -232,8 +238,27 @@ class Layout:
             return
         future, *rest = self._pending
         self._pending = None
-        future.result()  # rank 0's future ends after every rank's data and the metadata are written
-        self._complete(*rest)  # rank 0 alone: no other rank waits for the rename
+        try:
+            future.result()  # rank 0's future ends after every rank's data and the metadata are written
+            self._complete(*rest)  # rank 0 alone: no other rank waits for the rename
+        except (OSError, CheckpointException) as exc:
+            raise self._write_failed(exc, rest[2]) from None
+
+    def _write_failed(self, exc: Exception, tmp) -> ConfigError:
+        """A full or read-only disk: remove the partial folder and say where and how much (the previous
+        checkpoint is untouched: nothing but the temporary folder was written)."""
+        failures = getattr(exc, "failures", None)  # DCP: {rank: exception or (exception, traceback)}
+        if failures:
+            first = next(iter(failures.values()))
+            exc = first[0] if isinstance(first, tuple) else first
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        owned = sum(master.numel() for _, master, _ in self.optimizer.slices())
+        need = 12 * owned * self.env.world_size  # bytes: fp32 masters and two moments per owned element
+        size = f"{need / 2 ** 30:.2f} GiB" if need >= 2 ** 30 else f"{need / 2 ** 20:.1f} MiB"
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        return ConfigError(f"checkpoint: cannot write {Path(tmp).parent}: {reason}; this run's checkpoints need "
+                           f"about {size} each (trainer.run_dir)")
 
     def _complete(self, root, step, tmp, config_yaml, meta, keep_last):
         if not self.env.is_main:

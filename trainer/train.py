@@ -237,8 +237,11 @@ def run(cfg, env: DistEnv) -> None:
     if env.is_main:  # the only process that writes files, and only once every input (the resume too) is good
         if cfg.trainer.resume == "auto" and plan.resume_from is None:
             say(f"trainer.resume=auto: no complete checkpoint in {plan.run_dir / 'checkpoints'}; starting fresh")
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
-        (plan.run_dir / "config.yaml").write_text(config_yaml)
+        try:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            (plan.run_dir / "config.yaml").write_text(config_yaml)
+        except OSError as exc:
+            raise ConfigError(f"trainer.run_dir={plan.run_dir}: cannot write there: {exc.strerror}") from None
         ckpt.remove_temp_folders(plan.run_dir / "checkpoints")  # a crash's leftovers; no save is in flight yet
 
     if env.is_main:
