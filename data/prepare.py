@@ -33,7 +33,6 @@ from data.errors import ConfigError
 from data.indexed import is_folder, megatron_indexed, shard_prefix
 from data.tokenizer import build_tokenizer
 
-EXIT_BAD_INPUT = 2
 SETTINGS = ("source", "path", "name", "split", "streaming", "text_field", "sample_by", "tokenizer")  # the content
 SHARDS_PER_WORKER = 4  # some load balance, and less to redo after an interruption
 BATCH = 512  # documents per tokenizer call and progress report
@@ -264,17 +263,10 @@ def prepare(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError as SettingError
+    from trainer.config import command_line
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0
     try:
-        return prepare(argv)
-    except (ConfigError, SettingError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return command_line(__doc__, argv, prepare)
     except KeyboardInterrupt:
         print("interrupted: the finished shards are kept; run the same command again to write the others",
               file=sys.stderr, flush=True)

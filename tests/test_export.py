@@ -10,7 +10,8 @@ import torch
 from dist_harness import run_distributed
 
 from data import build_tokenizer
-from trainer.export import EXIT_BAD_INPUT, main
+from trainer.config import EXIT_BAD_INPUT
+from trainer.export import main
 
 transformers = pytest.importorskip("transformers")
 

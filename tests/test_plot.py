@@ -12,8 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from trainer.config import EXIT_BAD_INPUT
 from trainer.logger import RunLogger
-from trainer.plot import EXIT_BAD_INPUT, main, write_plots
+from trainer.plot import main, write_plots
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

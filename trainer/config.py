@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,10 +13,34 @@ from data.errors import ConfigError  # the one error type for bad input, data se
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
+EXIT_BAD_INPUT = 2  # invalid input: one line naming the setting, nothing written
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def key_value_args(argv: list[str], options: dict) -> list[str]:
+    """A tool's `key=value` arguments into `options` (its known keys, with defaults); returns the others."""
+    for arg in (a for a in argv if "=" in a):
+        key, _, value = arg.partition("=")
+        if key not in options:
+            raise ConfigError(f"unknown option {key}= (expected {', '.join(o + '=' for o in options)})")
+        options[key] = value
+    return [a for a in argv if "=" not in a]
+
+
+def command_line(doc: str, argv: list[str] | None, run) -> int:
+    """A tool's entry point: `--help` prints `doc`; bad input is one `error:` line and EXIT_BAD_INPUT."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(doc.strip())
+        return 0
+    try:
+        return run(argv)
+    except ConfigError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 def _hydra_message(exc: Exception) -> str:

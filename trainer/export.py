@@ -30,16 +30,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import ConfigError, command_line, key_value_args
 
-EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": (torch.float32, "F32"), "bf16": (torch.bfloat16, "BF16")}  # safetensors' dtype names
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class ExportError(Exception):
-    """Bad input: a one-line message."""
 
 
 def parse_size(text: str) -> int:
@@ -50,41 +45,36 @@ def parse_size(text: str) -> int:
     except ValueError:
         size = 0
     if size <= 0:
-        raise ExportError(f"max_shard_size={text}: expected a positive size such as 5GB, 500MB or 1000000")
+        raise ConfigError(f"max_shard_size={text}: expected a positive size such as 5GB, 500MB or 1000000")
     return int(size)
 
 
 def parse_args(argv: list[str]) -> tuple[Path, Path, str, int]:
     options = {"out": None, "dtype": "fp32", "max_shard_size": "5GB"}
-    positional = [a for a in argv if "=" not in a]
-    for arg in (a for a in argv if "=" in a):
-        key, _, value = arg.partition("=")
-        if key not in options:
-            raise ExportError(f"unknown option {key}= (expected {', '.join(o + '=' for o in options)})")
-        options[key] = value
+    positional = key_value_args(argv, options)
     if len(positional) != 1:
-        raise ExportError(f"expected one checkpoint folder, got {len(positional)}: {' '.join(positional)}")
+        raise ConfigError(f"expected one checkpoint folder, got {len(positional)}: {' '.join(positional)}")
     if not options["out"]:
-        raise ExportError("out=<dir> is required")
+        raise ConfigError("out=<dir> is required")
     if options["dtype"] not in DTYPES:
-        raise ExportError(f"dtype={options['dtype']} must be one of {'|'.join(DTYPES)}")
+        raise ConfigError(f"dtype={options['dtype']} must be one of {'|'.join(DTYPES)}")
     return Path(positional[0]), Path(options["out"]), options["dtype"], parse_size(options["max_shard_size"])
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A complete checkpoint folder, or the newest one in a run dir or checkpoints folder."""
     if not path.is_dir():
-        raise ExportError(f"checkpoint folder {path} does not exist")
+        raise ConfigError(f"checkpoint folder {path} does not exist")
     if not ckpt.is_complete(path):
         inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         newest = ckpt.latest_checkpoint(inner)
         if newest is None:
-            raise ExportError(f"{path} is not a checkpoint (no complete step_* folder with the "
+            raise ConfigError(f"{path} is not a checkpoint (no complete step_* folder with the "
                               f"'{ckpt.MARKER}' marker)")
         path = newest
     for name in (".metadata", "config.yaml"):
         if not (path / name).is_file():
-            raise ExportError(f"{path} is not a checkpoint of trainer.train (no {name})")
+            raise ConfigError(f"{path} is not a checkpoint of trainer.train (no {name})")
     return path
 
 
@@ -150,7 +140,7 @@ def read_run(checkpoint: Path):
     reader = CheckpointReader(str(checkpoint))
     for name, shape in parameter_shapes(model_cfg).items():
         if reader.shape(name) != shape:
-            raise ExportError(f"checkpoint {checkpoint}: parameter {name} is {reader.shape(name)} there, "
+            raise ConfigError(f"checkpoint {checkpoint}: parameter {name} is {reader.shape(name)} there, "
                               f"{shape} in its config.yaml")
     return model_cfg, build_tokenizer(run_cfg.data.tokenizer), reader
 
@@ -193,19 +183,18 @@ def export(checkpoint: Path, out: Path, dtype: str, max_bytes: int) -> str:
     """Write the HF folder `out` from `checkpoint`; returns a summary line."""
     from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors are BaseExceptions
 
-    from data.errors import ConfigError as DataConfigError
     from model.hf_convert import to_hf_config
     from parallel.atomic_folder import begin_folder
 
     checkpoint = resolve_checkpoint(checkpoint)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ExportError(f"out={out} exists and is not an empty folder")
+        raise ConfigError(f"out={out} exists and is not an empty folder")
     try:
         cfg, tokenizer, reader = read_run(checkpoint)
         hf_config = to_hf_config(cfg, architectures=["MiniMaxForCausalLM"], eos_token_id=tokenizer.eos_id,
                                  bos_token_id=None, dtype=DTYPES[dtype][0])
-    except (ConfigError, DataConfigError, ValueError, OSError) as exc:
-        raise ExportError(str(exc).strip().splitlines()[0]) from None
+    except (ValueError, OSError) as exc:  # ConfigError included
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
     tmp = begin_folder(out)
     try:
         shards, nbytes = write_weights(tmp, reader, cfg, dtype, max_bytes)
@@ -213,23 +202,18 @@ def export(checkpoint: Path, out: Path, dtype: str, max_bytes: int) -> str:
         save_tokenizer(tokenizer, tmp)
         os.replace(tmp, out)
     except (CheckpointException, OSError) as exc:
-        raise ExportError(f"{checkpoint} -> {out}: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{checkpoint} -> {out}: {str(exc).strip().splitlines()[0]}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return f"exported {checkpoint} to {out}: {shards} shard(s), {nbytes / 1e9:.3f} GB {dtype}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+    def run(args):
+        print(export(*parse_args(args)))
         return 0
-    try:
-        print(export(*parse_args(argv)))
-        return 0
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+
+    return command_line(__doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .export import EXIT_BAD_INPUT, read_run, resolve_checkpoint
-from .export import ExportError as BadInput  # export's one-line error, which resolve_checkpoint raises
+from .config import ConfigError, command_line, key_value_args
+from .export import read_run, resolve_checkpoint
 
 DEFAULTS = {"prompt": None, "max_new_tokens": "64", "temperature": "0", "top_p": "1", "seed": "0", "device": None}
 
@@ -33,27 +32,22 @@ def _number(options: dict, key: str, kind, ok, expected: str):
     except ValueError:
         value = None
     if value is None or not ok(value):
-        raise BadInput(f"{key}={options[key]}: expected {expected}")
+        raise ConfigError(f"{key}={options[key]}: expected {expected}")
     return value
 
 
 def parse_args(argv: list[str]) -> dict:
     options = dict(DEFAULTS)
-    positional = [a for a in argv if "=" not in a]
-    for arg in (a for a in argv if "=" in a):
-        key, _, value = arg.partition("=")
-        if key not in options:
-            raise BadInput(f"unknown option {key}= (expected {', '.join(o + '=' for o in options)})")
-        options[key] = value
+    positional = key_value_args(argv, options)
     if len(positional) != 1:
-        raise BadInput(f"expected one checkpoint folder, got {len(positional)}: {' '.join(positional)}")
+        raise ConfigError(f"expected one checkpoint folder, got {len(positional)}: {' '.join(positional)}")
     if not options["prompt"]:
-        raise BadInput('prompt="..." is required and must not be empty')
+        raise ConfigError('prompt="..." is required and must not be empty')
     device = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
-        raise BadInput(f"device={device} must be cpu or cuda")
+        raise ConfigError(f"device={device} must be cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("device=cuda but no CUDA device is available")
+        raise ConfigError("device=cuda but no CUDA device is available")
     return {
         "checkpoint": Path(positional[0]),
         "prompt": options["prompt"],
@@ -84,14 +78,13 @@ def complete(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: fl
              device: torch.device) -> str:
     from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors are BaseExceptions
 
-    from data.errors import ConfigError as DataConfigError
     from model.generate import generate
 
     checkpoint = resolve_checkpoint(checkpoint)
     try:
         model, tokenizer = load_model(checkpoint, device)
-    except (ConfigError, DataConfigError, ValueError, OSError, CheckpointException) as exc:
-        raise BadInput(f"{checkpoint}: {str(exc).strip().splitlines()[0]}") from None
+    except (ValueError, OSError, CheckpointException) as exc:  # ConfigError included
+        raise ConfigError(f"{checkpoint}: {str(exc).strip().splitlines()[0]}") from None
     ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     new = generate(model, ids, max_new_tokens, temperature, top_p, generator, eos_id=tokenizer.eos_id).tolist()
@@ -101,16 +94,11 @@ def complete(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+    def run(args):
+        print(complete(**parse_args(args)))
         return 0
-    try:
-        print(complete(**parse_args(argv)))
-        return 0
-    except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+
+    return command_line(__doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_BAD_INPUT = 2
+from .config import ConfigError, command_line
 
 # file stem, title, y label, y scale, percent axis, series keys
 PANELS = (
@@ -29,13 +29,9 @@ PANELS = (
 )
 
 
-class PlotError(ValueError):
-    """A run dir without readable metrics; nothing was written."""
-
-
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
-        raise PlotError(f"no metrics file {path}")
+        raise ConfigError(f"no metrics file {path}")
     rows = []
     for line in path.read_text().splitlines():
         try:
@@ -45,7 +41,7 @@ def read_rows(path: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     if not rows:
-        raise PlotError(f"{path} holds no metrics rows")
+        raise ConfigError(f"{path} holds no metrics rows")
     return rows
 
 
@@ -64,14 +60,14 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def write_plots(run_dir, out=None, metrics_file: str = "metrics.jsonl") -> dict[str, list[str]]:
     """Writes one PNG per panel with data into `out` (default `<run_dir>/plots`), each under a temporary name then
-    renamed; returns {file name: the series keys drawn in it}. Raises PlotError before writing anything when
+    renamed; returns {file name: the series keys drawn in it}. Raises ConfigError before writing anything when
     the run dir or its metrics are missing or empty."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state (Agg via savefig)
     from matplotlib.ticker import PercentFormatter
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise PlotError(f"run dir {run_dir} is not a directory")
+        raise ConfigError(f"run dir {run_dir} is not a directory")
     rows = read_rows(run_dir / metrics_file)
     panels = []
     for stem, title, ylabel, yscale, percent, keys in PANELS:
@@ -80,7 +76,7 @@ def write_plots(run_dir, out=None, metrics_file: str = "metrics.jsonl") -> dict[
         if drawn:
             panels.append((stem, title, ylabel, yscale, percent, drawn))
     if not panels:
-        raise PlotError(f"{run_dir / metrics_file} holds none of the plotted keys")
+        raise ConfigError(f"{run_dir / metrics_file} holds none of the plotted keys")
 
     steps = sorted({(0, 0)} | {(r["tokens"], r["step"]) for r in rows if "tokens" in r and "step" in r})
     tok, st = [t for t, _ in steps], [s for _, s in steps]
@@ -118,25 +114,27 @@ def write_plots(run_dir, out=None, metrics_file: str = "metrics.jsonl") -> dict[
     return written
 
 
-def main(argv: list[str]) -> int:
-    run_dir, out = None, None
-    try:
-        for arg in argv:
+def main(argv: list[str] | None = None) -> int:
+    def run(args):
+        run_dir, out = None, None
+        for arg in args:
             if arg.startswith("out="):
                 out = arg[len("out="):]
             elif run_dir is None and "=" not in arg:
                 run_dir = arg
             else:
-                raise PlotError(f"unexpected argument {arg!r}; usage: python -m trainer.plot <run_dir> [out=<dir>]")
+                raise ConfigError(f"unexpected argument {arg!r}; usage: python -m trainer.plot <run_dir> [out=<dir>]")
         if run_dir is None:
-            raise PlotError("usage: python -m trainer.plot <run_dir> [out=<dir>]")
-        written = write_plots(run_dir, out)
-    except (PlotError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"wrote {len(written)} plots to {Path(out) if out else Path(run_dir) / 'plots'}: {', '.join(written)}")
-    return 0
+            raise ConfigError("usage: python -m trainer.plot <run_dir> [out=<dir>]")
+        try:
+            written = write_plots(run_dir, out)
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
+        print(f"wrote {len(written)} plots to {Path(out) if out else Path(run_dir) / 'plots'}: {', '.join(written)}")
+        return 0
+
+    return command_line(__doc__, argv, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -15,13 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
-from .config import ConfigError, check_eval, compose_config, validate_trainer_config
+from .config import EXIT_BAD_INPUT, ConfigError, check_eval, compose_config, validate_trainer_config
 from .distributed import DistEnv, env_from_torchrun, init_process_group, pick_device, shutdown
 from .layout import Layout, LayoutSpec, check_batches, check_layout
 from .logger import say
 from .schedules import BatchSchedule, LRSchedule
 
-EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 4  # a stop signal: the current step finished and was checkpointed
 EXIT_INTERRUPTED = 130  # a second Ctrl-C
@@ -258,11 +257,11 @@ def run(cfg, env: DistEnv) -> None:
     finally:
         trainer.logger.close(success)
     if env.is_main and cfg.logging.plots:
-        from .plot import PlotError, write_plots
+        from .plot import write_plots
 
         try:
             write_plots(plan.run_dir, metrics_file=cfg.logging.metrics_file)
-        except (PlotError, OSError) as exc:  # plotting must not fail a finished run
+        except (ConfigError, OSError) as exc:  # plotting must not fail a finished run
             say(f"plots: {exc}")
 
 
