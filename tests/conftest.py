@@ -11,6 +11,16 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """The 2 cores are shared with spawned ranks and other test processes: OpenMP threads spinning on them
+    make tiny models crawl. Modules that train use it (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def gen():
     """A fresh random generator per test; the seed is printed so a failure can be replayed."""

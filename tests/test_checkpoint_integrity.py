@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from dist_harness import run_distributed
 from test_trainer import checkpoint_steps, metrics, train
 
@@ -18,12 +17,7 @@ STEPS = ["trainer.steps=4", "trainer.checkpoint.every=2", "trainer.checkpoint.ke
 FEW_STREAMS = "data.streams=4"  # a resume re-reads every stream's buffer: 4 instead of 64 saves seconds per run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ MIXTURE = ["stage.mixture={a:{max_doc_tokens:300,weight:0.75},b:{min_doc_tokens:
            "stage.previous_mixture={a:0,b:1}", "stage.transition_tokens=512"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 cores are shared with other test processes
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def job(run_dir: Path, *overrides: str) -> list[str]:

@@ -32,14 +32,9 @@ def _train(rank, world, overrides):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, one_cpu_thread):
     run = tmp_path_factory.mktemp("export") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 cores are shared with the spawned ranks
-    try:
-        assert run_distributed(_train, 2, [*MICRO, f"trainer.run_dir={run}"]) == [0, 0]
-    finally:
-        torch.set_num_threads(threads)
+    assert run_distributed(_train, 2, [*MICRO, f"trainer.run_dir={run}"]) == [0, 0]
     return run
 
 

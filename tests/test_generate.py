@@ -24,13 +24,7 @@ TRAIN = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The CPU cores are shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

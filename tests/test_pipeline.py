@@ -46,22 +46,17 @@ def _train_jobs(rank, world_size, jobs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_cpu_thread):
     root = tmp_path_factory.mktemp("pipeline")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main_from_overrides(pp_job(root / "single")) == 0
-        rcs = run_distributed(_train_jobs, 2, [pp_job(root / name, *o) for name, o in TWO_RANKS.items()] + [
-            pp_job(root / "single_to_pp2", "parallel.pp=2", f"trainer.resume={step_dir(root / 'single', 2)}"),
-            *(pp_job(root / f"bad_{name}", *o) for name, (o, _) in BAD.items())])
-        assert rcs[0] == [0] * (len(TWO_RANKS) + 1) + [EXIT_BAD_INPUT] * len(BAD), rcs
-        rcs = run_distributed(_train_jobs, 4, [pp_job(root / name, *o) for name, o in FOUR_RANKS.items()])
-        assert rcs[0] == [0] * len(FOUR_RANKS), rcs
-        assert main_from_overrides(pp_job(root / "pp2_tp2_to_single",
-                                          f"trainer.resume={step_dir(root / 'pp2_tp2', 2)}")) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main_from_overrides(pp_job(root / "single")) == 0
+    rcs = run_distributed(_train_jobs, 2, [pp_job(root / name, *o) for name, o in TWO_RANKS.items()] + [
+        pp_job(root / "single_to_pp2", "parallel.pp=2", f"trainer.resume={step_dir(root / 'single', 2)}"),
+        *(pp_job(root / f"bad_{name}", *o) for name, (o, _) in BAD.items())])
+    assert rcs[0] == [0] * (len(TWO_RANKS) + 1) + [EXIT_BAD_INPUT] * len(BAD), rcs
+    rcs = run_distributed(_train_jobs, 4, [pp_job(root / name, *o) for name, o in FOUR_RANKS.items()])
+    assert rcs[0] == [0] * len(FOUR_RANKS), rcs
+    assert main_from_overrides(pp_job(root / "pp2_tp2_to_single",
+                                      f"trainer.resume={step_dir(root / 'pp2_tp2', 2)}")) == 0
     return root
 
 

@@ -30,13 +30,7 @@ SWITCH_AT = 640
 BATCH = [f"schedule.batch=[{{tokens:0,global_batch_tokens:128}},{{tokens:{SWITCH_AT},global_batch_tokens:256}}]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The CPU cores are shared with other test processes; spinning OpenMP threads make tiny models crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def train(run_dir: Path, *overrides: str) -> int:

@@ -193,7 +193,8 @@ class Trainer:
     def _device_inputs(self, mb: dict) -> dict:
         """A micro-batch on the device, with the documents' positions (a pipeline stage needs them)."""
         cu_seqlens = mb["cu_seqlens"].to(self.device, non_blocking=True)
-        remember_cu_seqlens(cu_seqlens, mb["cu_seqlens"])  # the layers read it without a device sync
+        # the layers read it without a device sync; a step's micro-batches prime it again where each one runs
+        remember_cu_seqlens(cu_seqlens, mb["cu_seqlens"])
         input_ids = mb["input_ids"].to(self.device, non_blocking=True)
         positions = mb.get("positions")
         positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0]) if positions is None \
